@@ -1,0 +1,1 @@
+"""The DVC stages of the transfer-learning study, one module each, and what they share."""

@@ -1,0 +1,76 @@
+"""Figures a person reads, drawn with matplotlib: learning curves, confusion, predictions, study bars."""
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def learning_curves(history: list[dict], title: str, path: Path) -> None:
+    epochs = [r["epoch"] for r in history]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, metric in zip(axes, ("loss", "accuracy")):
+        for split, style in (("train", "-o"), ("val", "-s")):
+            ax.plot(epochs, [r[f"{split}_{metric}"] for r in history], style, label=split, markersize=3)
+        ax.set(xlabel="epoch", ylabel=metric, title=f"{metric} per epoch")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(title)
+    _save(fig, path)
+
+
+def confusion(matrix: np.ndarray, classes: list[str], title: str, path: Path) -> None:
+    """Rows are true classes, columns predictions; each row normalised to sum to 1."""
+    share = matrix / matrix.sum(1, keepdims=True).clip(min=1)
+    size = max(6, 0.45 * len(classes))
+    fig, ax = plt.subplots(figsize=(size + 1.5, size))
+    image = ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(len(classes)), classes, rotation=60, ha="right")
+    ax.set_yticks(range(len(classes)), classes)
+    if len(classes) <= 20:
+        for (i, j), value in np.ndenumerate(share):
+            ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=7,
+                    color="white" if value > 0.5 else "black")
+    ax.set(xlabel="predicted class", ylabel="true class", title=title)
+    fig.colorbar(image, ax=ax, label="share of the true class")
+    _save(fig, path)
+
+
+def prediction_grid(images: np.ndarray, labels: np.ndarray, predicted: np.ndarray, classes: list[str],
+                    title: str, path: Path, columns: int = 8) -> None:
+    """Test images with their predicted and true labels; mistakes in red."""
+    rows = -(-len(images) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(1.6 * columns, 1.9 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, image, truth, guess in zip(axes.flat, images, labels, predicted):
+        ax.imshow(image, interpolation="nearest")
+        right = truth == guess
+        ax.set_title(f"{classes[guess]}" + ("" if right else f"\n(true: {classes[truth]})"),
+                     fontsize=8, color="black" if right else "red")
+    fig.suptitle(f"{title}\nlabel = prediction; red = mistake, with the true class")
+    _save(fig, path)
+
+
+def study_bars(table, path: Path) -> None:
+    """Test accuracy per model and strategy, with the std over seeds and the study's numbers."""
+    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(table)), 4.5))
+    x = np.arange(len(table))
+    ax.bar(x, table["accuracy_mean"], yerr=table["accuracy_std"].fillna(0), capsize=4, label="this run")
+    published = table["published_accuracy"]
+    ax.scatter(x[published.notna()], published.dropna(), marker="_", s=900, color="black", zorder=3,
+               label="published study")
+    ax.set_xticks(x, [f"{m}\n{s}" for m, s in zip(table["model"], table["strategy"])])
+    ax.set(ylabel="test accuracy", ylim=(0, 1), title="Test accuracy by model and strategy")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(loc="lower right")
+    _save(fig, path)
+
+
+def _save(fig, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,29 @@
+"""prepare-data: the source's images as uint8 arrays, split into train, val and test.
+
+    python -m stages.prepare_data        # or: dvc repro prepare-data
+
+Writes data/prepared/{train,val,test}_{images,labels}.npy and manifest.json. The same
+params give byte-identical files.
+"""
+import shutil
+from pathlib import Path
+
+from stages import data, params
+
+OUT = Path("data/prepared")
+
+
+def main():
+    p = params.load()
+    arrays, manifest = data.prepare(p.data, p.seed)
+    partial = OUT.with_name(OUT.name + ".partial")  # an error never leaves half an output
+    shutil.rmtree(partial, ignore_errors=True)
+    data.save(arrays, manifest, partial)
+    shutil.rmtree(OUT, ignore_errors=True)
+    partial.rename(OUT)
+    counts = ", ".join(f"{name} {manifest['splits'][name]['count']}" for name in data.SPLITS)
+    print(f"prepared {p.data.source}: {counts} images in {len(manifest['classes'])} classes")
+
+
+if __name__ == "__main__":
+    params.run_stage(main)
