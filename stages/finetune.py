@@ -26,6 +26,7 @@ def main():
     p = params.load()
     shutil.rmtree(OUT, ignore_errors=True)
     OUT.mkdir(parents=True)
+    CHECKPOINT.parent.mkdir(parents=True, exist_ok=True)  # a DVC output in both strategies
     if p.strategy != "finetune":
         torch.save({"skipped": f"strategy is {p.strategy}"}, OUT / "model.pt")
         return

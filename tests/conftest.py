@@ -1,0 +1,70 @@
+"""Shared fixtures: a scratch copy of the project, params edits, and the ../shared check."""
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+CIFAR_JPEG = SHARED / "data" / "cifar10-jpeg.tar.gz"
+LITE0_WEIGHTS = SHARED / "weights" / "tf_efficientnet_lite0.in1k.pth"
+
+# Small enough that every stage runs in seconds on a 2-core CPU.
+FAST = {"data.source": "synthetic", "model": "alexnet", "weights": "none", "data.image_size": 64,
+        "train_heads.epochs": 3, "finetune.epochs": 2}
+
+
+def set_params(path: Path, changes: dict) -> None:
+    """Writes dotted-key changes into a params.yaml."""
+    params = yaml.safe_load(path.read_text())
+    for key, value in changes.items():
+        *parents, last = key.split(".")
+        section = params
+        for name in parents:
+            section = section[name]
+        section[last] = value
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+@pytest.fixture
+def project(tmp_path, monkeypatch):
+    """A copy of the project's pipeline files in a scratch folder, which becomes the cwd."""
+    for name in ("params.yaml", "dvc.yaml", ".dvcignore"):
+        shutil.copy(REPO / name, tmp_path / name)
+    shutil.copytree(REPO / "stages", tmp_path / "stages", ignore=shutil.ignore_patterns("__pycache__"))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PATH", str(Path(sys.executable).parent) + os.pathsep + os.environ["PATH"])
+    return tmp_path
+
+
+def run(*command: str, check: bool = True) -> subprocess.CompletedProcess:
+    result = subprocess.run(command, capture_output=True, text=True)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{' '.join(command)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+def stage(name: str, check: bool = True) -> subprocess.CompletedProcess:
+    return run(sys.executable, "-m", f"stages.{name}", check=check)
+
+
+@pytest.fixture
+def dvc_project(project):
+    """The scratch project as a git + DVC repo with one commit."""
+    (project / ".gitignore").write_text((REPO / ".gitignore").read_text())
+    run("git", "init", "-q")
+    run("git", "config", "user.email", "test@example.com")
+    run("git", "config", "user.name", "test")
+    run("dvc", "init", "-q")
+    run("dvc", "config", "core.analytics", "false")
+    run("git", "add", "-A")
+    run("git", "commit", "-qm", "project")
+    return project
+
+
+def needs_shared(path: Path):
+    return pytest.mark.skipif(not path.exists(), reason=f"{path} is absent: ../shared exists only on our machines")
