@@ -77,12 +77,12 @@ def compare_with_cache(head: torch.nn.Module, logits: torch.Tensor, device) -> d
 
 
 def write_plots(history, labels, predicted, per_class, images, classes, title) -> None:
-    PLOTS.mkdir(exist_ok=True)
-    pd.DataFrame(history).drop(columns="seconds").to_csv(PLOTS / "learning_curve.csv", index=False)
+    (PLOTS / "data").mkdir(parents=True, exist_ok=True)
+    pd.DataFrame(history).drop(columns="seconds").to_csv(PLOTS / "data/learning_curve.csv", index=False)
     pairs = [{"actual": classes[t], "predicted": classes[g]} for t, g in zip(labels, predicted)]
-    (PLOTS / "confusion.json").write_text(json.dumps(pairs) + "\n")
+    (PLOTS / "data/confusion.json").write_text(json.dumps(pairs) + "\n")
     rows = [{"class": c, "accuracy": a} for c, a in per_class.items()]
-    (PLOTS / "per_class_accuracy.json").write_text(json.dumps(rows, indent=1) + "\n")
+    (PLOTS / "data/per_class_accuracy.json").write_text(json.dumps(rows, indent=1) + "\n")
     figures.learning_curves(history, f"Learning curves: {title}", PLOTS / "learning_curves.png")
     matrix = np.zeros((len(classes), len(classes)), dtype=np.int64)
     np.add.at(matrix, (labels, predicted), 1)

@@ -28,7 +28,7 @@ def main():
     OUT.mkdir(parents=True)
     CHECKPOINT.parent.mkdir(parents=True, exist_ok=True)  # a DVC output in both strategies
     if p.strategy != "finetune":
-        torch.save({"skipped": f"strategy is {p.strategy}"}, OUT / "model.pt")
+        (OUT / "skipped.json").write_text(json.dumps({"skipped": f"strategy is {p.strategy}"}) + "\n")
         return
     device = batches.pick_device(p.device)
     batches.setup(device, p.seed)

@@ -6,6 +6,7 @@ The head starts from the backbone's own classifier (FC6 and FC7 keep their Image
 for AlexNet and VGG16, as in the study). Flipped-image features stand in for augmentation.
 Writes models/train_heads/model.pt (the best epoch by val accuracy) and DVCLive logs beside it.
 """
+import json
 import shutil
 from pathlib import Path
 
@@ -24,7 +25,7 @@ def main():
     shutil.rmtree(OUT, ignore_errors=True)
     OUT.mkdir(parents=True)
     if p.strategy != "feature_extraction":
-        torch.save({"skipped": f"strategy is {p.strategy}"}, OUT / "model.pt")
+        (OUT / "skipped.json").write_text(json.dumps({"skipped": f"strategy is {p.strategy}"}) + "\n")
         return
     device = batches.pick_device(p.device)
     batches.setup(device, p.seed)
@@ -54,7 +55,7 @@ def main():
 
 def load_features(path: Path, device: torch.device) -> torch.Tensor:
     """fp16 features, whole, on the device; batches turn them to float32 as they go."""
-    return torch.from_numpy(np.load(path, mmap_mode="r")[:]).to(device)
+    return torch.from_numpy(np.load(path)).to(device)
 
 
 def feature_batches(features, flipped, labels, batch_size, generator):

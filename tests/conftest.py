@@ -15,7 +15,7 @@ LITE0_WEIGHTS = SHARED / "weights" / "tf_efficientnet_lite0.in1k.pth"
 
 # Small enough that every stage runs in seconds on a 2-core CPU.
 FAST = {"data.source": "synthetic", "model": "alexnet", "weights": "none", "data.image_size": 64,
-        "train_heads.epochs": 3, "finetune.epochs": 2}
+        "train_heads.epochs": 8, "finetune.epochs": 3}
 
 
 def set_params(path: Path, changes: dict) -> None:

@@ -1,0 +1,97 @@
+import pytest
+import torch
+from torch import nn
+
+from stages import backbones
+from stages.params import UserError
+from tests.conftest import LITE0_WEIGHTS, needs_shared
+
+
+def test_alexnet_is_the_studys_architecture_with_imagenet_weights_from_the_torch_cache(tmp_path, monkeypatch):
+    """weights=imagenet goes through torchvision's weights API; a file already in
+    $TORCH_HOME/hub/checkpoints under the expected name is loaded without any download."""
+    import torchvision
+    reference = torchvision.models.alexnet()
+    checkpoints = tmp_path / "hub" / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    torch.save(reference.state_dict(), checkpoints / "alexnet-owt-7be5be79.pth")
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    network = backbones.build("alexnet", "imagenet", num_classes=10)
+    head = network.head
+    assert [type(m) for m in head] == [nn.Dropout, nn.Linear, nn.ReLU, nn.Dropout, nn.Linear, nn.ReLU, nn.Linear]
+    assert (head[1].in_features, head[4].out_features, head[6].out_features) == (9216, 4096, 10)
+    assert torch.equal(head[1].weight, reference.classifier[1].weight)  # FC6 keeps its ImageNet values
+    assert torch.equal(head[4].weight, reference.classifier[4].weight)  # FC7 too
+    assert torch.equal(network.body[0][0].weight, reference.features[0].weight)
+    assert network.preprocess == backbones.Preprocess((0.485, 0.456, 0.406), (0.229, 0.224, 0.225), "bilinear")
+    assert network.body(torch.zeros(2, 3, 224, 224)).shape == (2, 9216)
+    assert len(network.blocks) == 5 and all(isinstance(b[0], nn.Conv2d) for b in network.blocks)
+
+
+def test_vgg16_has_five_conv_stages_and_the_studys_classifier():
+    network = backbones.build("vgg16", "none", num_classes=10)
+    assert [sum(isinstance(m, nn.Conv2d) for m in b) for b in network.blocks] == [2, 2, 3, 3, 3]
+    assert network.head[0].in_features == 25088 and network.head[-1].out_features == 10
+    assert network.body(torch.zeros(1, 3, 64, 64)).shape == (1, 25088)
+
+
+def test_unknown_model_and_unfetchable_weights_are_user_errors(tmp_path, monkeypatch):
+    with pytest.raises(UserError, match="not a torchvision classification model"):
+        backbones.build("alexnot", "none", 10)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    monkeypatch.setattr("torch.hub.urlopen", lambda *a, **k: (_ for _ in ()).throw(OSError("offline")))
+    with pytest.raises(UserError, match="put alexnet-owt-7be5be79.pth in"):
+        backbones.build("alexnet", "imagenet", 10)
+
+
+@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
+def test_a_local_state_dict_is_loaded_strictly_but_for_the_classifier(tmp_path, suffix):
+    import torchvision
+    reference = torchvision.models.resnet18(num_classes=7)  # a classifier of another size
+    path = tmp_path / f"weights{suffix}"
+    if suffix == ".pth":
+        torch.save(reference.state_dict(), path)
+    else:
+        from safetensors.torch import save_file
+        save_file(reference.state_dict(), path)
+    network = backbones.build("resnet18", str(path), num_classes=10)
+    assert torch.equal(network.body.layer4[1].conv2.weight, reference.layer4[1].conv2.weight)
+    assert network.head.out_features == 10 and len(network.blocks) == 4
+    broken = {k: v for k, v in reference.state_dict().items() if not k.startswith("layer4.1.conv2")}
+    torch.save(broken, tmp_path / "broken.pth")
+    with pytest.raises(UserError, match="does not fit this model: 1 missing keys"):
+        backbones.build("resnet18", str(tmp_path / "broken.pth"), num_classes=10)
+
+
+def test_set_trainable_unfreezes_the_last_blocks_and_what_follows():
+    network = backbones.build("alexnet", "none", num_classes=10)
+    head_params = sum(p.numel() for p in network.head.parameters())
+    assert backbones.set_trainable(network, 0) == head_params
+    conv4, conv5 = network.blocks[3][0], network.blocks[4][0]
+    expected = head_params + sum(p.numel() for m in (conv4, conv5) for p in m.parameters())
+    assert backbones.set_trainable(network, 2) == expected
+    assert not network.blocks[2][0].weight.requires_grad and conv4.weight.requires_grad
+    assert backbones.set_trainable(network, "all") == sum(p.numel() for p in network.model.parameters())
+    with pytest.raises(UserError, match="has 5 blocks"):
+        backbones.set_trainable(network, 6)
+
+
+def test_frozen_batchnorm_keeps_its_statistics_in_train_mode():
+    network = backbones.build("resnet18", "none", num_classes=10)
+    backbones.set_trainable(network, 1)
+    network.model.train()
+    backbones.keep_frozen_norms_in_eval(network.model)
+    assert not network.body.bn1.training and not network.body.layer3[0].bn1.training
+    assert network.body.layer4[0].bn1.training
+    before = network.body.bn1.running_mean.clone()
+    network.model(torch.randn(4, 3, 32, 32))
+    assert torch.equal(before, network.body.bn1.running_mean)
+
+
+@needs_shared(LITE0_WEIGHTS)
+def test_timm_efficientnet_lite0_with_the_shared_imagenet_weights():
+    network = backbones.build("timm/tf_efficientnet_lite0", str(LITE0_WEIGHTS), num_classes=10)
+    assert network.preprocess == backbones.Preprocess((0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "bicubic")
+    assert len(network.blocks) == 7 and network.head.in_features == 1280
+    saved = torch.load(LITE0_WEIGHTS, weights_only=True)
+    assert torch.equal(network.body.conv_stem.weight, saved["conv_stem.weight"])
