@@ -56,6 +56,7 @@ def main():
                   "images_per_s": round(trained["train_images_per_s"], 1),
                   "trainable_params": trained["trainable_params"],
                   "best_epoch": trained["best_epoch"], "epochs_run": len(trained["history"])},
+        "run": {"device": describe(device)},
     }
     if p.strategy == "feature_extraction":
         metrics["cache_check"] = compare_with_cache(network.head, logits, device)
@@ -63,6 +64,12 @@ def main():
     METRICS.write_text(json.dumps(metrics, indent=2) + "\n")
     write_plots(trained["history"], labels, predicted, per_class, images, classes, f"{p.model}, {p.strategy}")
     print(f"test accuracy {accuracy:.4f}, loss {loss:.4f} on {len(labels)} images ({p.model}, {p.strategy})")
+
+
+def describe(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({torch.get_num_threads()} threads)"
 
 
 def compare_with_cache(head: torch.nn.Module, logits: torch.Tensor, device) -> dict:
