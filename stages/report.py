@@ -81,7 +81,7 @@ def provenance(records: list[dict]) -> str:
     """Where the numbers come from: data source, weights, image size and device of each run."""
     seen = sorted({(str(lookup(r["params"], "data.source")), str(lookup(r["params"], "data.root")),
                     str(r["params"].get("weights")), str(lookup(r["params"], "data.image_size")),
-                    str(lookup(r["metrics"], "run.device"))) for r in records})
+                    str(lookup(r["metrics"], "run.device"))) for r in records if r["metrics"]})
     return "\n".join(f"- data: {s} ({root}), weights: {w}, image size: {size} px, device: {d}"
                      for s, root, w, size, d in seen)
 
@@ -93,10 +93,12 @@ def write_report(table: pd.DataFrame, records: list[dict], folder: Path = OUT) -
         accuracy=[_mean_std(m, s, n) for m, s, n in zip(table["accuracy_mean"], table["accuracy_std"], table["runs_ok"])],
         published=table["published_accuracy"].map(lambda a: "" if pd.isna(a) else f"{a:.4f}"),
         train_time_s=table["train_time_s"].round(1), train_images_per_s=table["train_images_per_s"].round(0),
-        test_images_per_s=table["test_images_per_s"].round(0))
+        test_images_per_s=table["test_images_per_s"].round(0),
+        trainable_params=table["trainable_params"].map(lambda n: "" if pd.isna(n) else f"{n / 1e6:.2f} M"))
     columns = ["model", "strategy", "seeds", "accuracy", "published", "train_time_s", "train_images_per_s",
                "test_images_per_s", "trainable_params", "failed"]
-    markdown = shown[columns].to_markdown(index=False) if _has_tabulate() else shown[columns].to_string(index=False)
+    shown = shown[columns].astype(object).where(shown[columns].notna(), "")
+    markdown = shown.to_markdown(index=False) if _has_tabulate() else shown.to_string(index=False)
     (folder / "results.md").write_text(
         "# Study results\n\nTest accuracy as mean ± std over seeds; published: the study we start from.\n\n"
         f"{markdown}\n\n## Provenance\n{provenance(records)}\n")

@@ -44,14 +44,13 @@ def grid(models: list[str], strategies: list[str], seeds: list[int], overrides: 
     return [{"model": m, "strategy": s, "seed": seed, **overrides} for m in models for s in strategies for seed in seeds]
 
 
-def experiment_name(cell: dict) -> str:
+def experiment_name(cell: dict, stamp: str) -> str:
     short = {"feature_extraction": "fe", "finetune": "ft"}[cell["strategy"]]
-    name = f"{cell['model']}-{short}-s{cell['seed']}-{time.strftime('%m%d%H%M%S')}"
-    return re.sub(r"[^A-Za-z0-9_-]+", "-", name)
+    return re.sub(r"[^A-Za-z0-9_-]+", "-", f"{cell['model']}-{short}-s{cell['seed']}-{stamp}")
 
 
-def queue(cell: dict) -> str:
-    name = experiment_name(cell)
+def queue(cell: dict, stamp: str) -> str:
+    name = experiment_name(cell, stamp)
     settings = [arg for key, value in cell.items() for arg in ("-S", f"{key}={_yaml(value)}")]
     subprocess.run(["dvc", "exp", "run", "--queue", "--name", name, *settings], check=True)
     return name
@@ -88,8 +87,19 @@ def queue_status() -> dict[str, str]:
 def failure_reason(name: str) -> str:
     """The last error line that the failed experiment printed."""
     logs = subprocess.run(["dvc", "queue", "logs", name], capture_output=True, text=True).stdout
-    errors = [line.strip() for line in logs.splitlines() if line.lower().lstrip().startswith("error")]
-    return errors[-1] if errors else "failed (see dvc queue logs " + name + ")"
+    ours = [line.strip() for line in logs.splitlines() if line.lstrip().startswith("error: ")]  # run_stage's
+    dvcs = [line.strip() for line in logs.splitlines() if line.lstrip().startswith("ERROR: ")]
+    return (ours or dvcs or [f"failed (see dvc queue logs {name})"])[-1]
+
+
+def record_of(cell: dict, experiments: list[dict], failed: dict, queued: dict) -> dict:
+    """The cell's successful experiment, else its failed one: a failure never drops out of the table."""
+    matching = report.select(experiments, overrides=cell)
+    successes = [r for r in matching if not r["error"]]
+    if successes or matching:
+        return (successes or matching)[0]
+    name = next((n for n, c in queued.items() if c == cell), "not run")
+    return {"name": name, "params": cell, "metrics": {}, "error": failed.get(name, "no experiment found")}
 
 
 def main():
@@ -108,17 +118,21 @@ def main():
     done = [r for r in report.dvc_experiments() if not r["error"]]
     todo = [c for c in cells if not report.select(done, overrides=c)]
     print(f"{len(cells) - len(todo)} of {len(cells)} experiments already done; queueing {len(todo)}")
-    names = [queue(cell) for cell in todo]
+    stamp = time.strftime("%Y%m%d-%H%M%S")  # names stay unique when the study runs again
+    names = [queue(cell, stamp) for cell in todo]
     if names:
         run_queue(names, args.jobs)
     failed = {n: failure_reason(n) for n, s in queue_status().items() if n in names and s == "Failed"}
 
-    records = [r for c in cells for r in report.select(report.dvc_experiments(), overrides=c)]
-    records += [{"name": n, "params": c, "metrics": {}, "error": failed[n]} for n, c in zip(names, todo) if n in failed]
+    experiments = report.dvc_experiments()
+    for record in experiments:
+        record["error"] = failed.get(record["name"], record["error"])
+    records = [record_of(cell, experiments, failed, dict(zip(names, todo))) for cell in cells]
     report.write_report(report.results_table(records), records)
     print((report.OUT / "results.md").read_text())
-    if failed:
-        raise SystemExit(f"error: {len(failed)} experiment(s) failed: " + "; ".join(f"{n}: {m}" for n, m in failed.items()))
+    failures = [f"{r['name']}: {r['error']}" for r in records if r["error"]]
+    if failures:
+        raise SystemExit(f"error: {len(failures)} experiment(s) failed: " + "; ".join(failures))
 
 
 if __name__ == "__main__":
