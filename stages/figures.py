@@ -42,7 +42,7 @@ def prediction_grid(images: np.ndarray, labels: np.ndarray, predicted: np.ndarra
                     title: str, path: Path, columns: int = 8) -> None:
     """Test images with their predicted and true labels; mistakes in red."""
     rows = -(-len(images) // columns)
-    fig, axes = plt.subplots(rows, columns, figsize=(1.6 * columns, 1.9 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, columns, figsize=(1.6 * columns, 2.2 * rows), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for ax, image, truth, guess in zip(axes.flat, images, labels, predicted):
@@ -62,6 +62,8 @@ def study_bars(table, path: Path) -> None:
     published = table["published_accuracy"]
     ax.scatter(x[published.notna()], published.dropna(), marker="_", s=900, color="black", zorder=3,
                label="published study")
+    for i in np.flatnonzero(table["accuracy_mean"].isna().to_numpy()):
+        ax.text(x[i], 0.02, "failed", color="red", ha="center")
     ax.set_xticks(x, [f"{m}\n{s}" for m, s in zip(table["model"], table["strategy"])])
     ax.set(ylabel="test accuracy", ylim=(0, 1), title="Test accuracy by model and strategy")
     ax.grid(axis="y", alpha=0.3)
