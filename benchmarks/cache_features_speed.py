@@ -31,8 +31,7 @@ def main():
     parser.add_argument("--device", default="auto")
     args = parser.parse_args()
 
-    device = batches.pick_device(args.device)
-    batches.setup(device, seed=0)
+    device = batches.setup(args.device, seed=0)
     network = backbones.build(args.model, args.weights, num_classes=10)
     body = prepare_body(network.body, device)
     count = args.batch_size * args.batches

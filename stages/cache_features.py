@@ -8,7 +8,6 @@ fine-tuning trains on images, and DVC's run-cache keeps the features of the othe
 """
 import json
 import math
-import shutil
 import time
 from pathlib import Path
 
@@ -24,13 +23,9 @@ OUT = Path("data/features")
 
 def main():
     p = params.load()
-    shutil.rmtree(OUT, ignore_errors=True)
-    OUT.mkdir(parents=True)
-    if p.strategy != "feature_extraction":
-        write_manifest({"skipped": f"strategy is {p.strategy}: no features are needed"})
+    if not params.start_strategy_stage(OUT, p, "feature_extraction"):
         return
-    device = batches.pick_device(p.device)
-    batches.setup(device, p.seed)
+    device = batches.setup(p.device, p.seed)
     classes = data.load_manifest(PREPARED)["classes"]
     network = backbones.build(p.model, p.weights, len(classes))
     body = prepare_body(network.body, device)
@@ -55,8 +50,7 @@ def main():
 
 
 def prepare_body(body: torch.nn.Module, device: torch.device) -> torch.nn.Module:
-    body = body.eval().requires_grad_(False).to(device)
-    return body.to(memory_format=torch.channels_last) if device.type == "cuda" else body
+    return batches.place(body.eval().requires_grad_(False), device)
 
 
 @torch.no_grad()

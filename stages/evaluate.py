@@ -27,8 +27,7 @@ MIN_AGREEMENT = 0.99  # share of test predictions on which cached features and i
 
 def main():
     p = params.load()
-    device = batches.pick_device(p.device)
-    batches.setup(device, p.seed)
+    device = batches.setup(p.device, p.seed)
     classes = data.load_manifest(PREPARED)["classes"]
     images, labels = data.load_split(PREPARED, "test")
     trained = torch.load(MODELS[p.strategy], map_location="cpu", weights_only=False)
@@ -37,9 +36,7 @@ def main():
         network.head.load_state_dict(trained["head"])
     else:
         network.model.load_state_dict(trained["model"])
-    model = network.model.to(device)
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
+    model = batches.place(network.model, device)
 
     started = time.perf_counter()
     inputs = batches.image_inputs(torch.from_numpy(images), network.preprocess, p.data.image_size,

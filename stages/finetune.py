@@ -9,7 +9,6 @@ rerun the stage and it goes on from the last complete epoch. Writes models/finet
 """
 import hashlib
 import json
-import shutil
 from dataclasses import asdict
 from pathlib import Path
 
@@ -24,21 +23,15 @@ CHECKPOINT = Path("checkpoints/finetune/last.pt")
 
 def main():
     p = params.load()
-    shutil.rmtree(OUT, ignore_errors=True)
-    OUT.mkdir(parents=True)
     CHECKPOINT.parent.mkdir(parents=True, exist_ok=True)  # a DVC output in both strategies
-    if p.strategy != "finetune":
-        (OUT / "skipped.json").write_text(json.dumps({"skipped": f"strategy is {p.strategy}"}) + "\n")
+    if not params.start_strategy_stage(OUT, p, "finetune"):
         return
-    device = batches.pick_device(p.device)
-    batches.setup(device, p.seed)
+    device = batches.setup(p.device, p.seed)
     cfg = p.finetune
     classes = data.load_manifest(PREPARED)["classes"]
     network = backbones.build(p.model, p.weights, len(classes))
     trainable = backbones.set_trainable(network, cfg.unfreeze)
-    model = network.model.to(device)
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
+    model = batches.place(network.model, device)
     body_params = [t for t in network.body.parameters() if t.requires_grad]
     groups = [{"params": network.head.parameters(), "lr": cfg.lr}]
     if body_params:

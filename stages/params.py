@@ -6,6 +6,8 @@ Every stage calls `load()` first, so a wrong key, type or value stops it with a 
 error before it touches an output. The check-params stage runs the same validation ahead
 of every other stage, so that `dvc repro` stops before DVC deletes any stage's outputs.
 """
+import json
+import shutil
 import sys
 import types
 import typing
@@ -232,6 +234,17 @@ def _is_known_model(name: str) -> bool:
         return bool(timm.list_models(name.removeprefix("timm/")))
     import torchvision
     return name in torchvision.models.list_models(module=torchvision.models)
+
+
+def start_strategy_stage(folder: Path, p: Params, strategy: str) -> bool:
+    """Empties a strategy's output folder. When `strategy` is not the chosen one, leaves only a
+    small note there and returns False: DVC's run-cache keeps the real outputs of that variant."""
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    if p.strategy == strategy:
+        return True
+    (folder / "skipped.json").write_text(json.dumps({"skipped": f"strategy is {p.strategy}"}) + "\n")
+    return False
 
 
 def main():

@@ -6,8 +6,6 @@ The head starts from the backbone's own classifier (FC6 and FC7 keep their Image
 for AlexNet and VGG16, as in the study). Flipped-image features stand in for augmentation.
 Writes models/train_heads/model.pt (the best epoch by val accuracy) and DVCLive logs beside it.
 """
-import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -22,13 +20,9 @@ OUT = Path("models/train_heads")
 
 def main():
     p = params.load()
-    shutil.rmtree(OUT, ignore_errors=True)
-    OUT.mkdir(parents=True)
-    if p.strategy != "feature_extraction":
-        (OUT / "skipped.json").write_text(json.dumps({"skipped": f"strategy is {p.strategy}"}) + "\n")
+    if not params.start_strategy_stage(OUT, p, "feature_extraction"):
         return
-    device = batches.pick_device(p.device)
-    batches.setup(device, p.seed)
+    device = batches.setup(p.device, p.seed)
     classes = data.load_manifest(PREPARED)["classes"]
     head = backbones.build(p.model, p.weights, len(classes)).head.to(device)
     features = {name: load_features(FEATURES / f"{name}.npy", device)

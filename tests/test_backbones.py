@@ -7,15 +7,20 @@ from stages.params import UserError
 from tests.conftest import LITE0_WEIGHTS, needs_shared
 
 
-def test_alexnet_is_the_studys_architecture_with_imagenet_weights_from_the_torch_cache(tmp_path, monkeypatch):
-    """weights=imagenet goes through torchvision's weights API; a file already in
-    $TORCH_HOME/hub/checkpoints under the expected name is loaded without any download."""
+def cached_imagenet_weights(name: str, filename: str, torch_home, monkeypatch) -> nn.Module:
+    """weights=imagenet goes through torchvision's weights API, which loads a file already in
+    $TORCH_HOME/hub/checkpoints under the expected name without downloading anything."""
     import torchvision
-    reference = torchvision.models.alexnet()
-    checkpoints = tmp_path / "hub" / "checkpoints"
+    reference = torchvision.models.get_model(name)
+    checkpoints = torch_home / "hub" / "checkpoints"
     checkpoints.mkdir(parents=True)
-    torch.save(reference.state_dict(), checkpoints / "alexnet-owt-7be5be79.pth")
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    torch.save(reference.state_dict(), checkpoints / filename)
+    monkeypatch.setenv("TORCH_HOME", str(torch_home))
+    return reference
+
+
+def test_alexnet_is_the_studys_architecture_with_imagenet_weights(tmp_path, monkeypatch):
+    reference = cached_imagenet_weights("alexnet", "alexnet-owt-7be5be79.pth", tmp_path, monkeypatch)
     network = backbones.build("alexnet", "imagenet", num_classes=10)
     head = network.head
     assert [type(m) for m in head] == [nn.Dropout, nn.Linear, nn.ReLU, nn.Dropout, nn.Linear, nn.ReLU, nn.Linear]
@@ -28,8 +33,11 @@ def test_alexnet_is_the_studys_architecture_with_imagenet_weights_from_the_torch
     assert len(network.blocks) == 5 and all(isinstance(b[0], nn.Conv2d) for b in network.blocks)
 
 
-def test_vgg16_has_five_conv_stages_and_the_studys_classifier():
-    network = backbones.build("vgg16", "none", num_classes=10)
+def test_vgg16_is_the_studys_architecture_with_imagenet_weights(tmp_path, monkeypatch):
+    reference = cached_imagenet_weights("vgg16", "vgg16-397923af.pth", tmp_path, monkeypatch)
+    network = backbones.build("vgg16", "imagenet", num_classes=10)
+    assert torch.equal(network.head[0].weight, reference.classifier[0].weight)  # FC6
+    assert torch.equal(network.head[3].weight, reference.classifier[3].weight)  # FC7
     assert [sum(isinstance(m, nn.Conv2d) for m in b) for b in network.blocks] == [2, 2, 3, 3, 3]
     assert network.head[0].in_features == 25088 and network.head[-1].out_features == 10
     assert network.body(torch.zeros(1, 3, 64, 64)).shape == (1, 25088)
