@@ -5,6 +5,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 import numpy as np  # noqa: E402
 
 
@@ -15,6 +16,7 @@ def learning_curves(history: list[dict], title: str, path: Path) -> None:
         for split, style in (("train", "-o"), ("val", "-s")):
             ax.plot(epochs, [r[f"{split}_{metric}"] for r in history], style, label=split, markersize=3)
         ax.set(xlabel="epoch", ylabel=metric, title=f"{metric} per epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         ax.legend()
     fig.suptitle(title)
