@@ -94,7 +94,7 @@ def write_report(table: pd.DataFrame, records: list[dict], folder: Path = OUT) -
         published=table["published_accuracy"].map(lambda a: "" if pd.isna(a) else f"{a:.4f}"),
         train_time_s=table["train_time_s"].round(1), train_images_per_s=table["train_images_per_s"].round(0),
         test_images_per_s=table["test_images_per_s"].round(0),
-        trainable_params=table["trainable_params"].map(lambda n: "" if pd.isna(n) else f"{n / 1e6:.2f} M"))
+        trainable_params=table["trainable_params"].map(lambda n: "" if pd.isna(n) else f"{int(n):,}"))
     columns = ["model", "strategy", "seeds", "accuracy", "published", "train_time_s", "train_images_per_s",
                "test_images_per_s", "trainable_params", "failed"]
     shown = shown[columns].astype(object).where(shown[columns].notna(), "")
