@@ -42,9 +42,8 @@ def setup(device_param: str, seed: int) -> torch.device:
 
 
 def place(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
-    """Moves a model to the device; channels_last on the GPU, where convolutions run faster so."""
-    model = model.to(device)
-    return model.to(memory_format=torch.channels_last) if device.type == "cuda" else model
+    """Moves a model to the device, channels_last: convolutions run faster so, on the GPU and the CPU."""
+    return model.to(device, memory_format=torch.channels_last)
 
 
 def to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
@@ -52,17 +51,21 @@ def to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
 
 
 def model_input(images: torch.Tensor, preprocess: Preprocess, size: int) -> torch.Tensor:
-    """uint8 N×H×W×3 (or float N×3×H×W in [0, 1]) -> normalised float N×3×size×size."""
-    x = images.permute(0, 3, 1, 2).float().div_(255) if images.dtype == torch.uint8 else images
+    """uint8 N×H×W×3 (or float N×3×H×W in [0, 1]) -> normalised float N×3×size×size, channels_last
+    (convolutions run faster so, on the GPU and on the CPU)."""
+    if images.dtype == torch.uint8:  # contiguous NCHW: interpolate is 3x slower on the CPU otherwise
+        images = images.permute(0, 3, 1, 2).contiguous().float().div_(255)
+    x = images
     if x.shape[-1] != size:
         downsampling = x.shape[-1] > size
         x = F.interpolate(x, size=(size, size), mode=preprocess.interpolation, antialias=downsampling,
                           **({} if preprocess.interpolation == "nearest" else {"align_corners": False}))
-        x = x.clamp_(0, 1)  # bicubic overshoots; PIL clamps too
-    mean = torch.tensor(preprocess.mean, device=x.device).view(1, 3, 1, 1)
+        if preprocess.interpolation == "bicubic":
+            x = x.clamp_(0, 1)  # bicubic overshoots; PIL clamps too
     std = torch.tensor(preprocess.std, device=x.device).view(1, 3, 1, 1)
-    x = (x - mean) / std
-    return x.contiguous(memory_format=torch.channels_last) if x.is_cuda else x
+    mean = torch.tensor(preprocess.mean, device=x.device).view(1, 3, 1, 1)
+    normalised = torch.empty_like(x, memory_format=torch.channels_last)
+    return torch.addcmul(-mean / std, x, 1 / std, out=normalised)  # one pass: (x - mean) / std
 
 
 def flip_lr(images: torch.Tensor) -> torch.Tensor:
@@ -75,7 +78,7 @@ def augment(images: torch.Tensor, flip: bool, crop_padding: int, generator: torc
 
     uint8 N×H×W×3 in, float N×3×H×W in [0, 1] out, at the stored size (before the upsample).
     """
-    x = images.permute(0, 3, 1, 2).float().div_(255)
+    x = images.permute(0, 3, 1, 2).contiguous().float().div_(255)
     n, _, h, w = x.shape
     if flip:
         flipped = torch.rand(n, generator=generator, device=x.device) < 0.5
