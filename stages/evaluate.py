@@ -75,8 +75,9 @@ def compare_with_cache(head: torch.nn.Module, logits: torch.Tensor, device) -> d
     from_cache = loop.predict(head, (x.to(device).float() for x in cached.split(4096)), device)
     agreement = (from_cache.argmax(1) == logits.argmax(1)).float().mean().item()
     if agreement < MIN_AGREEMENT:
-        raise RuntimeError(f"the head agrees with the full model on only {agreement:.1%} of test images: "
-                           "the cached features do not come from this backbone")
+        raise params.UserError(f"the head agrees with the full model on only {agreement:.1%} of test images, "
+                               "so the cached features do not come from this backbone (were the weights "
+                               "replaced in place?): run dvc repro -f cache-features")
     return {"max_logit_diff": (from_cache - logits).abs().max().item(), "prediction_agreement": agreement}
 
 

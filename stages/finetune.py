@@ -51,12 +51,7 @@ def main():
 
     fitted = loop.fit(model, groups, train_batches, len(train_labels), validate, cfg, p.seed, device,
                       OUT / "live", CHECKPOINT, fingerprint(p))
-    torch.save({"model": fitted.best_state, "history": fitted.history, "best_epoch": fitted.best_epoch,
-                "train_time_s": fitted.train_time_s, "train_images_per_s": fitted.images_per_s,
-                "trainable_params": trainable}, OUT / "model.pt")
-    best = fitted.history[fitted.best_epoch - 1]
-    print(f"best epoch {fitted.best_epoch}: val accuracy {best['val_accuracy']:.4f}, "
-          f"{fitted.train_time_s:.1f} s of training, {trainable:,} trainable parameters")
+    loop.save_trained(OUT / "model.pt", fitted, "model", trainable)
 
 
 def fingerprint(p: params.Params) -> str:

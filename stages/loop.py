@@ -82,6 +82,16 @@ def fit(model: nn.Module, param_groups: list[dict], train_batches: Callable[[tor
     return Fitted(best_state, best_epoch, history, train_time, n_train * len(history) / train_time)
 
 
+def save_trained(path: Path, fitted: Fitted, state_key: str, trainable_params: int) -> None:
+    """The best state under `state_key` (head or model), with what evaluate reports of training."""
+    torch.save({state_key: fitted.best_state, "history": fitted.history, "best_epoch": fitted.best_epoch,
+                "train_time_s": fitted.train_time_s, "train_images_per_s": fitted.images_per_s,
+                "trainable_params": trainable_params}, path)
+    best = fitted.history[fitted.best_epoch - 1]
+    print(f"best epoch {fitted.best_epoch}: val accuracy {best['val_accuracy']:.4f}, "
+          f"{fitted.train_time_s:.1f} s of training, {trainable_params:,} trainable parameters")
+
+
 def lr_factor(step: int, warmup_steps: int, total_steps: int, schedule: str) -> float:
     if step < warmup_steps:
         return (step + 1) / warmup_steps

@@ -39,12 +39,7 @@ def main():
 
     fitted = loop.fit(head, [{"params": head.parameters(), "lr": p.train_heads.lr}], train_batches,
                       len(labels["train"]), validate, p.train_heads, p.seed, device, OUT / "live")
-    torch.save({"head": fitted.best_state, "history": fitted.history, "best_epoch": fitted.best_epoch,
-                "train_time_s": fitted.train_time_s, "train_images_per_s": fitted.images_per_s,
-                "trainable_params": sum(t.numel() for t in head.parameters())}, OUT / "model.pt")
-    best = fitted.history[fitted.best_epoch - 1]
-    print(f"best epoch {fitted.best_epoch}: val accuracy {best['val_accuracy']:.4f}, "
-          f"{fitted.train_time_s:.1f} s of training")
+    loop.save_trained(OUT / "model.pt", fitted, "head", sum(t.numel() for t in head.parameters()))
 
 
 def load_features(path: Path, device: torch.device) -> torch.Tensor:
