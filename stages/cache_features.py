@@ -26,8 +26,7 @@ def main():
     if not params.start_strategy_stage(OUT, p, "feature_extraction"):
         return
     device = batches.setup(p.device, p.seed)
-    classes = data.load_manifest(PREPARED)["classes"]
-    network = backbones.build(p.model, p.weights, len(classes))
+    network = backbones.build(p.model, p.weights, data.num_classes(PREPARED))
     body = prepare_body(network.body, device)
     splits, seconds = {}, 0.0
     jobs = [("train", False), ("train", True), ("val", False), ("test", False)]
@@ -44,7 +43,7 @@ def main():
         splits[name] = list(shape)
     total = sum(shape[0] for shape in splits.values())
     write_manifest({"model": p.model, "weights": p.weights, "image_size": p.data.image_size,
-                    "classes": classes, "dtype": "float16", "splits": splits, "device": device.type,
+                    "dtype": "float16", "splits": splits, "device": device.type,
                     "images_per_s": round(total / seconds, 1)})
     print(f"cached {total} feature vectors of {shape[1]} values at {total / seconds:.1f} images/s on {device}")
 

@@ -118,6 +118,10 @@ def load_manifest(folder: Path) -> dict:
     return json.loads((folder / "manifest.json").read_text())
 
 
+def num_classes(folder: Path) -> int:
+    return len(load_manifest(folder)["classes"])
+
+
 # --- CIFAR-10 and CIFAR-100: the official python archives ------------------------------------
 
 def cifar_source(name: str, root: Path) -> Source:

@@ -28,8 +28,7 @@ def main():
         return
     device = batches.setup(p.device, p.seed)
     cfg = p.finetune
-    classes = data.load_manifest(PREPARED)["classes"]
-    network = backbones.build(p.model, p.weights, len(classes))
+    network = backbones.build(p.model, p.weights, data.num_classes(PREPARED))
     trainable = backbones.set_trainable(network, cfg.unfreeze)
     model = batches.place(network.model, device)
     body_params = [t for t in network.body.parameters() if t.requires_grad]

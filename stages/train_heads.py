@@ -23,8 +23,7 @@ def main():
     if not params.start_strategy_stage(OUT, p, "feature_extraction"):
         return
     device = batches.setup(p.device, p.seed)
-    classes = data.load_manifest(PREPARED)["classes"]
-    head = backbones.build(p.model, p.weights, len(classes)).head.to(device)
+    head = backbones.build(p.model, p.weights, data.num_classes(PREPARED)).head.to(device)
     features = {name: load_features(FEATURES / f"{name}.npy", device)
                 for name in ("train", "train_flip", "val") if (FEATURES / f"{name}.npy").exists()}
     labels = {name: batches.to_device(data.load_split(PREPARED, name)[1], device) for name in ("train", "val")}
