@@ -39,9 +39,10 @@ def _record(rev: dict) -> dict:
     params = (data.get("params") or {}).get("params.yaml", {}).get("data", {})
     metrics = (data.get("metrics") or {}).get("metrics/metrics.json", {}).get("data", {})
     error = rev.get("error") or data.get("error")
-    status = data.get("status", "Success")
-    if error or status not in ("Success", None):
-        error = (error or {}).get("msg", status) if isinstance(error, dict) else (error or status)
+    if isinstance(error, dict):
+        error = error.get("msg") or "failed"
+    if not error and data.get("status") not in (None, "Success"):
+        error = data["status"]  # Failed, or still Queued / Running
     return {"name": rev.get("name") or rev["rev"][:7], "params": params, "metrics": metrics, "error": error}
 
 
