@@ -99,7 +99,7 @@ def write_report(table: pd.DataFrame, records: list[dict], folder: Path = OUT) -
     columns = ["model", "strategy", "seeds", "accuracy", "published", "train_time_s", "train_images_per_s",
                "test_images_per_s", "trainable_params", "failed"]
     shown = shown[columns].astype(object).where(shown[columns].notna(), "")
-    markdown = shown.to_markdown(index=False) if _has_tabulate() else shown.to_string(index=False)
+    markdown = shown.to_markdown(index=False)  # pandas uses tabulate, which dvc installs
     (folder / "results.md").write_text(
         "# Study results\n\nTest accuracy as mean ± std over seeds; published: the study we start from.\n\n"
         f"{markdown}\n\n## Provenance\n{provenance(records)}\n")
@@ -110,14 +110,6 @@ def _mean_std(mean, std, count) -> str:
     if pd.isna(mean):
         return "failed"
     return f"{mean:.4f}" if count < 2 else f"{mean:.4f} ± {std:.4f}"
-
-
-def _has_tabulate() -> bool:
-    try:
-        import tabulate  # noqa: F401  (pandas' to_markdown needs it; dvc brings it)
-        return True
-    except ImportError:
-        return False
 
 
 def select(records: list[dict], models=None, strategies=None, seeds=None, overrides=None) -> list[dict]:
