@@ -3,6 +3,7 @@
     python -m stages.protocols readme        # prints: -S data.crop_pct=1.0 -S ...
     dvc exp run $(python -m stages.protocols readme)
 """
+import re
 import sys
 from pathlib import Path
 
@@ -46,7 +47,22 @@ def _same(a, b) -> bool:
 
 
 def flags(name: str) -> list[str]:
-    return [arg for key, value in overrides(name).items() for arg in ("-S", f"{key}={yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('...').strip()}")]
+    return [arg for key, value in overrides(name).items() for arg in ("-S", set_param(key, value))]
+
+
+def set_param(key: str, value) -> str:
+    """`key=value` as DVC's -S reads it back (Hydra's override grammar, then params.yaml).
+
+    Strings are quoted, so that `a,b` stays one value and not a sweep, and `1e-3` or `null` stay
+    strings; inside quotes a backslash is literal unless a quote or the end follows it."""
+    if isinstance(value, str):
+        escaped = re.sub(r"(\\*)('|$)", lambda m: m[1] * 2 + ("\\'" if m[2] else ""), value)
+        return f"{key}='{escaped}'"
+    if value is None or isinstance(value, bool):
+        return f"{key}={'null' if value is None else str(value).lower()}"
+    if isinstance(value, (int, float)):
+        return f"{key}={value!r}"
+    raise TypeError(f"{key}: only a string, number, boolean or null can be set, not {value!r}")
 
 
 def main():

@@ -3,86 +3,219 @@
     python -m stages.report                              # every experiment that `dvc exp show` lists
     python -m stages.report --models alexnet --seeds 0,1 # only those
 
-Reads `dvc exp show --json`, never private files: each experiment's params.yaml and
-metrics/metrics.json as DVC committed them. Writes study/results.{md,csv} and
-study/accuracy.png, with the study's published accuracy beside each row.
+Reads `dvc exp show --json` only: each experiment's state (queued, running, failed or success),
+its params.yaml and metrics/metrics.json as DVC committed them, and for a failure the last error
+line of the log that DVC names. One row per set of params but the seed, so that runs made under
+different settings never average together; a column names the settings that differ between the
+rows. Writes study/results.{md,csv} and study/accuracy.png.
 """
 import argparse
 import json
 import subprocess
+from collections import defaultdict
 from pathlib import Path
 
-import pandas as pd
+import matplotlib
 
-from stages import figures
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from stages.protocols import PROTOCOLS, PUBLISHED_PROTOCOL, protocol_of  # noqa: E402
 
 OUT = Path("study")
-# The study we start from: Adam, lr 1e-3, batch 64, 20 epochs, CIFAR-10 at 224 px.
+METRICS = "metrics/metrics.json"
+# The study's test accuracy, from its notebook's protocol (stages/protocols.yaml: SGD with momentum
+# 0.9, batch 32, 3 epochs) on the whole of CIFAR-10 at 224 px with ImageNet weights.
 PUBLISHED = {("alexnet", "feature_extraction"): 0.8132, ("alexnet", "finetune"): 0.8917,
              ("vgg16", "feature_extraction"): 0.8196, ("vgg16", "finetune"): 0.9223}
+# A state is worth waiting for, done, or neither; success first when several runs share params.
+PREFERENCE = ("success", "running", "queued", "failed")
+NOT_RUN = "not run: "  # starts the error of a run that never started: queued, running, lost before its start
 
 
-def dvc_experiments() -> list[dict]:
-    """One record per experiment: name, params (nested), metrics (nested), error."""
-    shown = json.loads(subprocess.run(["dvc", "exp", "show", "--json"], check=True, capture_output=True,
-                                      text=True).stdout)
-    records = []
-    for baseline in shown:
-        for experiment in baseline.get("experiments") or []:
-            for rev in experiment["revs"]:
-                records.append(_record(rev))
-    return records
+def dvc(*args: str, env: dict | None = None) -> str:
+    """A DVC command's stdout; if it fails, one line that names the command and DVC's last words."""
+    result = subprocess.run(["dvc", *args], capture_output=True, text=True, env=env)
+    if result.returncode != 0:
+        last = (result.stderr.strip().splitlines() or ["no output"])[-1]
+        raise SystemExit(f"error: `dvc {' '.join(args)}` failed with exit code {result.returncode}: {last}")
+    return result.stdout
 
 
-def _record(rev: dict) -> dict:
-    data = rev.get("data") or {}
-    params = (data.get("params") or {}).get("params.yaml", {}).get("data", {})
-    metrics = (data.get("metrics") or {}).get("metrics/metrics.json", {}).get("data", {})
-    error = rev.get("error") or data.get("error")
-    if isinstance(error, dict):
-        error = error.get("msg") or "failed"
-    if not error and data.get("status") not in (None, "Success"):
-        error = data["status"]  # Failed, or still Queued / Running
-    return {"name": rev.get("name") or rev["rev"][:7], "params": params, "metrics": metrics, "error": error}
+def exp_show() -> list[dict]:
+    return json.loads(dvc("exp", "show", "--json"))
 
 
-def lookup(nested: dict, dotted: str):
-    for key in dotted.split("."):
-        if not isinstance(nested, dict) or key not in nested:
-            return None
-        nested = nested[key]
-    return nested
+def workspace_params(shown: list[dict]) -> dict:
+    """params.yaml in the workspace, which DVC stashes as the start of every queued experiment."""
+    workspace = next(rev for rev in shown if rev["rev"] == "workspace")
+    return _file_data((workspace.get("data") or {}).get("params"), "params.yaml")
+
+
+def experiments(shown: list[dict]) -> list[dict]:
+    """One record per experiment: name, state, params (nested), metrics (nested), error, log."""
+    return [_record(experiment) for baseline in shown for experiment in baseline.get("experiments") or []]
+
+
+def _record(experiment: dict) -> dict:
+    head = experiment["revs"][0]  # the experiment's last commit
+    data = head.get("data") or {}
+    # DVC 3 keeps the state in the queue's executor; an experiment run outside the queue, or one
+    # whose queue entry `dvc queue remove --success` cleared, has none: only successes have commits
+    executor = experiment.get("executor") or {"state": "failed" if head.get("error") else "success"}
+    log = (executor.get("local") or {}).get("log")
+    return {"name": experiment.get("name") or head.get("name") or head["rev"][:7], "state": executor["state"],
+            "params": _file_data(data.get("params"), "params.yaml"), "metrics": _file_data(data.get("metrics"), METRICS),
+            "error": _error(executor, head, log), "log": log}
+
+
+def _file_data(files: dict | None, path: str) -> dict:
+    return ((files or {}).get(path) or {}).get("data") or {}
+
+
+def _error(executor: dict, head: dict, log: str | None) -> str | None:
+    state = executor["state"]
+    if state == "success":
+        return None
+    if state in ("queued", "running"):
+        return f"{NOT_RUN}still {state}"
+    if log and Path(log).is_file():
+        return failure_line(Path(log))
+    if head.get("error") and "local" not in executor:
+        return head["error"].get("msg") or "failed"
+    return f"{NOT_RUN}failed before it started, with no log (see .dvc/tmp/exps/celery/*.out)"
+
+
+def failure_line(log: Path) -> str:
+    """The last error line that the failed experiment printed: a stage's own, else DVC's."""
+    lines = log.read_text(errors="replace").splitlines()
+    ours = [line.strip() for line in lines if line.lstrip().startswith("error: ")]
+    dvcs = [line.strip() for line in lines if line.lstrip().startswith("ERROR: ")]
+    return (ours or dvcs or [f"failed (log: {log})"])[-1]
+
+
+def flat(nested: dict, prefix: str = "") -> dict:
+    """{"data": {"image_size": 64}} -> {"data.image_size": 64}"""
+    out = {}
+    for key, value in nested.items():
+        if isinstance(value, dict):
+            out.update(flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = tuple(value) if isinstance(value, list) else value
+    return out
+
+
+def nest(dotted: dict) -> dict:
+    out = {}
+    for key, value in dotted.items():
+        *parents, last = key.split(".")
+        section = out
+        for name in parents:
+            section = section.setdefault(name, {})
+        section[last] = value
+    return out
+
+
+def best(records: list[dict]) -> dict:
+    """Of runs with the same params: a success, else one still to come, else the latest failure."""
+    return min(records, key=lambda r: PREFERENCE.index(r["state"]) if r["state"] in PREFERENCE else len(PREFERENCE))
+
+
+def one_per_run(records: list[dict]) -> list[dict]:
+    """One record per set of params, seed included: a repeated run neither counts twice nor hides a success."""
+    runs = defaultdict(list)
+    for r in records:
+        runs[_key(flat(r["params"]))].append(r)
+    return [best(same) for same in runs.values()]
+
+
+def _key(params: dict) -> tuple:
+    return tuple(sorted(params.items()))
+
+
+def published(params: dict) -> tuple[float | None, str]:
+    """The published accuracy to set beside a run of these (flat) params, or why none compares."""
+    key = (params.get("model"), params.get("strategy"))
+    if key not in PUBLISHED:
+        return None, "not in the study"
+    protocol = protocol_of(nest(params))
+    reasons = [] if protocol == PUBLISHED_PROTOCOL else [f"protocol differs ({protocol or 'custom'})"]
+    if params.get("data.source") != "cifar10":
+        reasons.append(f"data differs ({params.get('data.source')})")
+    elif params.get("data.limit_per_class") is not None:
+        reasons.append(f"data differs (subset: limit_per_class {params['data.limit_per_class']})")
+    if params.get("weights") != "imagenet":
+        reasons.append(f"weights differ ({params.get('weights')})")
+    if params.get("data.image_size") != 224:
+        reasons.append(f"image size differs ({params.get('data.image_size')} px)")
+    return (None, "; ".join(reasons)) if reasons else (PUBLISHED[key], "")
 
 
 def results_table(records: list[dict]) -> pd.DataFrame:
-    """One row per model × strategy, mean ± std over the seeds that ran; failures kept as rows."""
-    rows = [{"model": r["params"].get("model"), "strategy": r["params"].get("strategy"),
-             "seed": r["params"].get("seed"), "experiment": r["name"], "error": r["error"],
-             "accuracy": lookup(r["metrics"], "test.accuracy"),
-             "train_time_s": lookup(r["metrics"], "train.time_s"),
-             "train_images_per_s": lookup(r["metrics"], "train.images_per_s"),
-             "test_images_per_s": lookup(r["metrics"], "test.images_per_s"),
-             "trainable_params": lookup(r["metrics"], "train.trainable_params"),
-             "device": lookup(r["metrics"], "run.device")} for r in records]
-    runs = pd.DataFrame(rows)
-    runs.loc[runs["accuracy"].isna() & runs["error"].isna(), "error"] = "no metrics"
-    table = runs.groupby(["model", "strategy"], sort=True).agg(
-        seeds=("seed", lambda s: ",".join(map(str, sorted(s)))),
-        runs_ok=("accuracy", "count"),
-        accuracy_mean=("accuracy", "mean"), accuracy_std=("accuracy", "std"),
-        train_time_s=("train_time_s", "mean"), train_images_per_s=("train_images_per_s", "mean"),
-        test_images_per_s=("test_images_per_s", "mean"), trainable_params=("trainable_params", "first"),
-        failed=("error", lambda e: "; ".join(f"{n}: {m}" for n, m in zip(runs.loc[e.index, "experiment"], e)
-                                              if isinstance(m, str)))).reset_index()
-    table["published_accuracy"] = [PUBLISHED.get((m, s)) for m, s in zip(table["model"], table["strategy"])]
-    return table
+    """One row per set of params but the seed, mean ± std of test accuracy over the seeds that
+    succeeded; a run without a number keeps its row and says why (failed, not run)."""
+    records = one_per_run(records)
+    groups = defaultdict(list)
+    for r in records:
+        params = flat(r["params"])
+        groups[_key({k: v for k, v in params.items() if k != "seed"})].append(r)
+    differing = _differing([dict(key) for key in groups])
+    rows = [_row(dict(key), runs, differing) for key, runs in groups.items()]
+    return pd.DataFrame(rows).sort_values(["model", "strategy", "protocol", "settings"], ignore_index=True)
+
+
+def _differing(groups: list[dict]) -> list[str]:
+    """The params whose value differs between groups, other than model and strategy (own columns)."""
+    keys = sorted(set().union(*groups)) if groups else []
+    return [k for k in keys if k not in ("model", "strategy") and len({g.get(k) for g in groups}) > 1]
+
+
+def _row(params: dict, runs: list[dict], differing: list[str]) -> dict:
+    protocol = protocol_of(nest(params))
+    implied = PROTOCOLS[protocol] if protocol else {}  # the protocol's name stands for its keys
+    done = [r for r in runs if r["state"] == "success" and _metric(r, "test.accuracy") is not None]
+    accuracies = [_metric(r, "test.accuracy") for r in done]
+    number, note = published(params)
+    return {"model": params.get("model"), "strategy": params.get("strategy"), "protocol": protocol or "custom",
+            "settings": ", ".join(f"{k}={_text(params.get(k))}" for k in differing if k not in implied),
+            "seeds": ",".join(str(s) for s in sorted(r["params"].get("seed") for r in runs)),
+            "runs_ok": len(done),
+            "accuracy_mean": np.mean(accuracies) if accuracies else np.nan,
+            "accuracy_std": np.std(accuracies, ddof=1) if len(accuracies) > 1 else np.nan,
+            "published_accuracy": np.nan if number is None else number, "published_note": note,
+            **{column: _mean(done, dotted) for column, dotted in (
+                ("total_time_s", "total_time_s"), ("features_time_s", "features.time_s"),
+                ("train_time_s", "train.time_s"), ("train_images_per_s", "train.images_per_s"),
+                ("test_images_per_s", "test.images_per_s"))},
+            "trainable_params": next((_metric(r, "train.trainable_params") for r in done), np.nan),
+            "problems": "; ".join(f"{r['name']}: {_why(r)}" for r in runs if r not in done),
+            "failed": sum(r not in done and not _why(r).startswith(NOT_RUN) for r in runs)}
+
+
+def _why(record: dict) -> str:
+    return record["error"] or "no test accuracy in metrics/metrics.json"
+
+
+def _metric(record: dict, dotted: str):
+    return flat(record["metrics"]).get(dotted)
+
+
+def _mean(records: list[dict], dotted: str) -> float:
+    values = [v for v in (_metric(r, dotted) for r in records) if v is not None]
+    return float(np.mean(values)) if values else np.nan
+
+
+def _text(value) -> str:
+    return "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
 
 
 def provenance(records: list[dict]) -> str:
     """Where the numbers come from: data source, weights, image size and device of each run."""
-    seen = sorted({(str(lookup(r["params"], "data.source")), str(lookup(r["params"], "data.root")),
-                    str(r["params"].get("weights")), str(lookup(r["params"], "data.image_size")),
-                    str(lookup(r["metrics"], "run.device"))) for r in records if r["metrics"]})
+    seen = sorted({(str(flat(r["params"]).get("data.source")), str(flat(r["params"]).get("data.root")),
+                    str(r["params"].get("weights")), str(flat(r["params"]).get("data.image_size")),
+                    str(_metric(r, "run.device"))) for r in records if r["metrics"]})
     return "\n".join(f"- data: {s} ({root}), weights: {w}, image size: {size} px, device: {d}"
                      for s, root, w, size, d in seen)
 
@@ -91,41 +224,66 @@ def write_report(table: pd.DataFrame, records: list[dict], folder: Path = OUT) -
     folder.mkdir(parents=True, exist_ok=True)
     table.to_csv(folder / "results.csv", index=False)
     shown = table.assign(
-        accuracy=[_mean_std(m, s, n) for m, s, n in zip(table["accuracy_mean"], table["accuracy_std"], table["runs_ok"])],
-        published=table["published_accuracy"].map(lambda a: "" if pd.isna(a) else f"{a:.4f}"),
-        train_time_s=table["train_time_s"].round(1), train_images_per_s=table["train_images_per_s"].round(0),
+        accuracy=[_mean_std(m, s, n, f) for m, s, n, f in
+                  zip(table["accuracy_mean"], table["accuracy_std"], table["runs_ok"], table["failed"])],
+        published=[note or f"{a:.4f}" for a, note in zip(table["published_accuracy"], table["published_note"])],
+        time_s=[_time(t, f, tr) for t, f, tr in zip(table["total_time_s"], table["features_time_s"], table["train_time_s"])],
+        train_images_per_s=table["train_images_per_s"].round(0),
         test_images_per_s=table["test_images_per_s"].round(0),
         trainable_params=table["trainable_params"].map(lambda n: "" if pd.isna(n) else f"{int(n):,}"))
-    columns = ["model", "strategy", "seeds", "accuracy", "published", "train_time_s", "train_images_per_s",
-               "test_images_per_s", "trainable_params", "failed"]
+    columns = ["model", "strategy", "protocol", "settings", "seeds", "accuracy", "published", "time_s",
+               "train_images_per_s", "test_images_per_s", "trainable_params", "problems"]
+    if not table["settings"].any():
+        columns.remove("settings")
     shown = shown[columns].astype(object).where(shown[columns].notna(), "")
     markdown = shown.to_markdown(index=False)  # pandas uses tabulate, which dvc installs
     (folder / "results.md").write_text(
-        "# Study results\n\nTest accuracy as mean ± std over seeds; published: the study we start from.\n\n"
+        "# Study results\n\nTest accuracy as mean ± std over seeds, one row per set of params but the seed. "
+        "published: the study's number, where the row ran its notebook's protocol on the same data, weights "
+        "and image size, else why it does not compare. time_s: the whole cost of a run, feature cache "
+        "+ training.\n\n"
         f"{markdown}\n\n## Provenance\n{provenance(records)}\n")
-    figures.study_bars(table, folder / "accuracy.png")
+    study_bars(table, folder / "accuracy.png")
 
 
-def _mean_std(mean, std, count) -> str:
+def _mean_std(mean, std, count, failed) -> str:
     if pd.isna(mean):
-        return "failed"
+        return "failed" if failed else "not run"
     return f"{mean:.4f}" if count < 2 else f"{mean:.4f} ± {std:.4f}"
 
 
-def select(records: list[dict], models=None, strategies=None, seeds=None, overrides=None) -> list[dict]:
-    """The records whose params match the given values; overrides are dotted keys."""
-    wanted = dict(overrides or {})
-    chosen = []
-    for r in records:
-        if models and r["params"].get("model") not in models:
-            continue
-        if strategies and r["params"].get("strategy") not in strategies:
-            continue
-        if seeds is not None and r["params"].get("seed") not in seeds:
-            continue
-        if all(lookup(r["params"], k) == v for k, v in wanted.items()):
-            chosen.append(r)
-    return chosen
+def _time(total, features, train) -> str:
+    if pd.isna(total):
+        return ""
+    return f"{total:.1f}" if pd.isna(features) or pd.isna(train) else f"{total:.1f} ({features:.1f} + {train:.1f})"
+
+
+def study_bars(table: pd.DataFrame, path: Path) -> None:
+    """Test accuracy per row of the table, with the std over seeds and the published numbers."""
+    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(table)), 4.8))
+    x = np.arange(len(table))
+    ax.bar(x, table["accuracy_mean"], yerr=table["accuracy_std"].fillna(0), capsize=4, label="this run")
+    comparable = table["published_accuracy"].notna().to_numpy()
+    ax.scatter(x[comparable], table["published_accuracy"][comparable], marker="_", s=900, color="black",
+               zorder=3, label="published study")
+    for i in np.flatnonzero(table["accuracy_mean"].isna().to_numpy()):
+        ax.text(x[i], 0.02, "failed" if table["failed"].iloc[i] else "not run", color="red", ha="center")
+    ax.set_xticks(x, [f"{m}\n{s}\n{p}" + (f"\n{st}" if st else "") for m, s, p, st in
+                      zip(table["model"], table["strategy"], table["protocol"], table["settings"])], fontsize=8)
+    ax.set(ylabel="test accuracy", ylim=(0, 1), title="Test accuracy by model, strategy and settings")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(loc="lower right")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def select(records: list[dict], models=None, strategies=None, seeds=None) -> list[dict]:
+    """The records of the given models, strategies and seeds (None: all)."""
+    return [r for r in records if (not models or r["params"].get("model") in models)
+            and (not strategies or r["params"].get("strategy") in strategies)
+            and (seeds is None or r["params"].get("seed") in seeds)]
 
 
 def main():
@@ -134,7 +292,7 @@ def main():
     parser.add_argument("--strategies", help="comma-separated; default: all")
     parser.add_argument("--seeds", help="comma-separated; default: all")
     args = parser.parse_args()
-    records = select(dvc_experiments(), models=args.models and args.models.split(","),
+    records = select(experiments(exp_show()), models=args.models and args.models.split(","),
                      strategies=args.strategies and args.strategies.split(","),
                      seeds=args.seeds and [int(s) for s in args.seeds.split(",")])
     if not records:

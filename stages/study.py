@@ -1,39 +1,115 @@
-"""The whole model × strategy (× seed) grid as queued DVC experiments, then the report.
+"""The whole model × strategy × seed grid as queued DVC experiments, one per GPU at a time, then the report.
 
     python -m stages.study                                    # alexnet,vgg16 × both strategies, seed 0
-    python -m stages.study --seeds 0,1,2                      # mean ± std over three seeds
-    python -m stages.study --models timm/tf_efficientnet_lite0 -S data.source=imagefolder \
+    python -m stages.study --seeds 0,1,2 --protocol readme    # the README's protocol, mean ± std over 3 seeds
+    python -m stages.study --gpus 0,1,2,3                     # up to four experiments at once, one per GPU
+    python -m stages.study --shard 1/2                        # this machine's half of the grid; another runs 2/2
+    python -m stages.study --models timm/tf_efficientnet_lite0 -S data.source=imagefolder \\
         -S data.root=/path/to/images -S weights=/path/to/lite0.pth -S data.image_size=96
 
-Each cell is `dvc exp run --queue -S model=… -S strategy=… -S seed=… [-S …]`; then
-`dvc queue start` runs them, one at a time by default (--jobs), in temporary copies of the repo
-that share DVC's cache and run-cache. A cell that already has a successful experiment with the
-same params is not queued again. The report (stages/report.py) then reads the experiments back
-with `dvc exp show --json`. Paths given with -S are made absolute, since queued experiments
-run in another folder.
+Each cell is one experiment queued with `dvc exp run --queue`: the protocol's overrides
+(stages/protocols.yaml, default notebook), then the -S flags, which win, then the cell's model,
+strategy and seed. DVC runs each in its own temporary copy of the repository, sharing the cache
+and run-cache. One queue worker per GPU (`dvc queue start`, started with CUDA_VISIBLE_DEVICES set
+to its GPU) runs its experiments one after another, so no two share a GPU and the GPU never
+becomes a param; with no GPU, one worker. A cell whose params (the workspace's params.yaml with
+the cell's overrides) already have a successful experiment is not run again; one still queued or
+running is waited for. Every state comes from `dvc exp show --json`. The report (stages/report.py)
+then writes study/; the command exits non-zero if an experiment failed. Paths given with -S are
+made absolute, since queued experiments run in another folder.
 """
 import argparse
+import itertools
+import os
 import re
-import subprocess
 import time
 from pathlib import Path
 
-import yaml
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.override_parser.types import OverrideType
+from hydra.errors import HydraException
 from tqdm import tqdm
 
-from stages import report
+from stages import protocols, report
+from stages.params import UserError, run_stage
+from stages.report import dvc, flat
 
+STRATEGIES = ("feature_extraction", "finetune")
+GRID_KEYS = ("model", "strategy", "seed")  # set by --models, --strategies and --seeds
 PATH_KEYS = ("data.root", "weights")
 POLL_SECONDS = 5
+STALL_POLLS = 24  # two minutes with no experiment alive and no state changing: the queue has stopped
+
+
+class OneLineParser(argparse.ArgumentParser):
+    def error(self, message):
+        raise UserError(message)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default="alexnet,vgg16", help="comma-separated")
+    parser.add_argument("--strategies", default=",".join(STRATEGIES), help="comma-separated")
+    parser.add_argument("--seeds", default="0", help="comma-separated integers >= 0")
+    parser.add_argument("--protocol", default=protocols.PUBLISHED_PROTOCOL, choices=list(protocols.PROTOCOLS),
+                        help="the override set of stages/protocols.yaml applied to every cell; -S wins over it")
+    parser.add_argument("-S", "--set-param", dest="overrides", action="append", default=[],
+                        metavar="KEY=VALUE", help="passed to every experiment, as dvc exp run -S reads it; repeatable")
+    parser.add_argument("--gpus", help="comma-separated GPU ids, one experiment on each at a time; "
+                                       "default: every visible GPU, or one experiment at a time with none")
+    parser.add_argument("--shard", default="1/1", metavar="I/N",
+                        help="run the I-th of N equal shares of the grid (each machine one share)")
+    args = parser.parse_args(argv)
+    args.models = names("--models", args.models)
+    args.strategies = names("--strategies", args.strategies)
+    unknown = [s for s in args.strategies if s not in STRATEGIES]
+    if unknown:
+        raise UserError(f"--strategies: unknown {', '.join(unknown)} (known: {', '.join(STRATEGIES)})")
+    seeds = names("--seeds", args.seeds)
+    if not all(s.isdigit() for s in seeds):
+        raise UserError(f"--seeds {args.seeds}: must be integers >= 0, comma-separated, e.g. 0,1,2")
+    args.seeds = [int(s) for s in seeds]
+    args.gpus = None if args.gpus is None else names("--gpus", args.gpus)
+    args.shard = parse_shard(args.shard)
+    args.overrides = {**protocols.overrides(args.protocol), **parse_overrides(args.overrides)}
+    return args
+
+
+def names(option: str, text: str) -> list[str]:
+    """A comma-separated list with no empty or repeated item."""
+    items = [item.strip() for item in text.split(",")]
+    if not all(items) or len(set(items)) != len(items):
+        raise UserError(f"{option} {text!r}: must be a comma-separated list with no empty or repeated item")
+    return items
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    match = re.fullmatch(r"(\d+)/(\d+)", text)
+    if not match or not 1 <= int(match[1]) <= int(match[2]):
+        raise UserError(f"--shard {text}: must be I/N with 1 <= I <= N, e.g. 1/2")
+    return int(match[1]), int(match[2])
 
 
 def parse_overrides(pairs: list[str]) -> dict:
+    """{dotted key: value}, each value read as DVC reads -S: Hydra's grammar, so 1e-3 is a float."""
+    parser = OverridesParser.create()
     overrides = {}
     for pair in pairs:
-        key, sep, text = pair.partition("=")
-        if not sep:
-            raise SystemExit(f"error: -S {pair} must be key=value, e.g. -S data.image_size=96")
-        value = yaml.safe_load(text)
+        try:
+            override = parser.parse_override(pair)
+        except HydraException as error:
+            raise UserError(f"-S {pair}: not key=value ({str(error).splitlines()[0]})") from None
+        key = override.key_or_group
+        if "=" not in pair or override.type != OverrideType.CHANGE or override.package is not None:
+            raise UserError(f"-S {pair}: must be key=value, e.g. -S data.image_size=96")
+        if override.is_sweep_override():
+            raise UserError(f"-S {pair}: one value per key (a sweep is --models, --strategies or --seeds); "
+                            f"quote a value with a comma: -S \"{key}='a,b'\"")
+        if key in GRID_KEYS:
+            raise UserError(f"-S {pair}: {key} is set by --{key}s")
+        value = override.value()
+        if isinstance(value, (list, dict)):
+            raise UserError(f"-S {pair}: a string, number, boolean or null, not a list or mapping")
         if key in PATH_KEYS and isinstance(value, str) and Path(value).exists():
             value = str(Path(value).resolve())
         overrides[key] = value
@@ -41,93 +117,165 @@ def parse_overrides(pairs: list[str]) -> dict:
 
 
 def grid(models: list[str], strategies: list[str], seeds: list[int], overrides: dict) -> list[dict]:
-    return [{"model": m, "strategy": s, "seed": seed, **overrides} for m in models for s in strategies for seed in seeds]
+    return [{**overrides, "model": m, "strategy": s, "seed": seed} for m in models for s in strategies for seed in seeds]
 
 
-def experiment_name(cell: dict, stamp: str) -> str:
-    short = {"feature_extraction": "fe", "finetune": "ft"}[cell["strategy"]]
-    return re.sub(r"[^A-Za-z0-9_-]+", "-", f"{cell['model']}-{short}-s{cell['seed']}-{stamp}")
+def shard(cells: list[dict], index: int, count: int) -> list[dict]:
+    """The index-th (from 1) of count shares: every count-th cell, so that shares differ by one at most."""
+    return cells[index - 1::count]
 
 
-def queue(cell: dict, stamp: str) -> str:
-    name = experiment_name(cell, stamp)
-    settings = [arg for key, value in cell.items() for arg in ("-S", f"{key}={_yaml(value)}")]
-    subprocess.run(["dvc", "exp", "run", "--queue", "--name", name, *settings], check=True)
-    return name
+def visible_gpus() -> list[str]:
+    """The ids of the GPUs this process sees, as CUDA_VISIBLE_DEVICES names them (so a worker sees the same one)."""
+    import torch  # here: only when --gpus is not given
+
+    count = torch.cuda.device_count()
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    ids = [i.strip() for i in visible.split(",")] if visible else [str(i) for i in range(count)]
+    return ids[:count]
 
 
-def _yaml(value) -> str:
-    return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("\n...").strip()
+def plan(cells: list[dict], workspace: dict, records: list[dict]) -> tuple[list, list, list]:
+    """(done, pending, todo) cells: a success, an experiment still queued or running, neither."""
+    done, pending, todo = [], [], []
+    for cell in cells:
+        state = report.best(matching(cell, workspace, records) or [{"state": None}])["state"]
+        {"success": done, "queued": pending, "running": pending}.get(state, todo).append(cell)
+    return done, pending, todo
 
 
-def run_queue(names: list[str], jobs: int) -> None:
-    """`dvc queue start`, then waits for our experiments, with a progress bar."""
-    subprocess.run(["dvc", "queue", "start", "--jobs", str(jobs)], check=True)
+def matching(cell: dict, workspace: dict, records: list[dict]) -> list[dict]:
+    """The experiments whose every param is the cell's: the workspace's params.yaml with its overrides."""
+    wanted = expected(cell, workspace)
+    return [r for r in records if flat(r["params"]) == wanted]
+
+
+def expected(cell: dict, workspace: dict) -> dict:
+    return {**flat(workspace), **{k: tuple(v) if isinstance(v, list) else v for k, v in cell.items()}}
+
+
+def queue(todo: list[dict], args: argparse.Namespace, prefix: str) -> None:
+    if len(todo) == len(args.models) * len(args.strategies) * len(args.seeds):
+        # The whole grid: DVC's own sweep queues the product in one command, named prefix-1, prefix-2, ...
+        sweep = [f"{key}={','.join(protocols.set_param(key, v).partition('=')[2] for v in values)}"
+                 for key, values in (("model", args.models), ("strategy", args.strategies), ("seed", args.seeds))]
+        dvc("exp", "run", "--queue", "--name", prefix, *settings(args.overrides), *_flags(sweep))
+        return
+    # Cells already done, or another machine's shard, leave no product to sweep: one command per cell
+    for cell in todo:
+        short = {"feature_extraction": "fe", "finetune": "ft"}[cell["strategy"]]
+        name = re.sub(r"[^A-Za-z0-9_-]+", "-", f"{prefix}-{cell['model']}-{short}-s{cell['seed']}")
+        dvc("exp", "run", "--queue", "--name", name, *settings(cell))
+
+
+def settings(overrides: dict) -> list[str]:
+    return _flags(protocols.set_param(key, value) for key, value in overrides.items())
+
+
+def _flags(pairs) -> list[str]:
+    return [arg for pair in pairs for arg in ("-S", pair)]
+
+
+def ours(records: list[dict], prefix: str, cells: list[dict], workspace: dict) -> list[str]:
+    """The names of the experiments this study waits for: those it queued, and those of its cells
+    that an earlier run of it left queued or running."""
+    names = {r["name"] for r in records if r["name"] == prefix or r["name"].startswith(prefix + "-")}
+    for cell in cells:
+        waiting = [r for r in matching(cell, workspace, records) if r["state"] in ("queued", "running")]
+        names.update(r["name"] for r in waiting[:1])
+    return sorted(names)
+
+
+def run_queue(names: list[str], gpus: list[str]) -> None:
+    """Starts one queue worker per GPU and waits for the experiments, with a progress bar.
+
+    `dvc queue start -j k` starts the workers numbered 1..k that are not alive, each a daemon that
+    inherits our environment and runs one experiment at a time. So worker k+1 starts, with its own
+    CUDA_VISIBLE_DEVICES, only once k experiments run: then workers 1..k are alive and only it is new.
+    """
+    workers, quiet, last = 0, 0, None
     with tqdm(total=len(names), desc="experiments", unit="exp") as bar:
         while True:
-            status = queue_status()
-            finished = sum(status.get(n) in ("Success", "Failed") for n in names)
+            states = experiment_states(names)
+            finished = sum(state in ("success", "failed", None) for state, _ in states.values())
             bar.update(finished - bar.n)
-            if finished == len(names) or not any(status.get(n) in ("Queued", "Running") for n in names):
+            if finished == len(names):
                 return
+            running = [pid for state, pid in states.values() if state == "running"]
+            queued = sum(state == "queued" for state, _ in states.values())
+            if queued and workers < max(1, len(gpus)) and len(running) >= workers:
+                start_worker(gpus[workers] if gpus else None, workers + 1)
+                workers += 1
+            snapshot = sorted(state for state, _ in states.values())
+            quiet = 0 if snapshot != last or any(map(alive, running)) else quiet + 1
+            if quiet >= STALL_POLLS:
+                raise SystemExit(f"error: the DVC queue stopped: {len(names) - finished} experiment(s) unfinished "
+                                 f"and none running for {STALL_POLLS * POLL_SECONDS} s (did its workers die? see "
+                                 "`dvc queue status`); python -m stages.report shows what finished")
+            last = snapshot
             time.sleep(POLL_SECONDS)
 
 
-def queue_status() -> dict[str, str]:
-    """{experiment name: Queued | Running | Success | Failed} from `dvc queue status`."""
-    lines = subprocess.run(["dvc", "queue", "status"], capture_output=True, text=True).stdout.splitlines()
-    statuses = {}
-    for line in lines[1:]:
-        fields = line.split()
-        if len(fields) >= 3 and fields[-1] in ("Queued", "Running", "Success", "Failed"):
-            statuses[fields[1]] = fields[-1]
-    return statuses
+def experiment_states(names: list[str]) -> dict[str, tuple]:
+    """{name: (state, pid of its run)} from `dvc exp show --json`; state None: the experiment is gone."""
+    shown = {}
+    for experiment in (e for baseline in report.exp_show() for e in baseline.get("experiments") or []):
+        executor = experiment.get("executor") or {"state": "success"}
+        shown[experiment.get("name")] = (executor["state"], (executor.get("local") or {}).get("pid"))
+    return {name: shown.get(name, (None, None)) for name in names}
 
 
-def failure_reason(name: str) -> str:
-    """The last error line that the failed experiment printed."""
-    logs = subprocess.run(["dvc", "queue", "logs", name], capture_output=True, text=True).stdout
-    ours = [line.strip() for line in logs.splitlines() if line.lstrip().startswith("error: ")]  # run_stage's
-    dvcs = [line.strip() for line in logs.splitlines() if line.lstrip().startswith("ERROR: ")]
-    return (ours or dvcs or [f"failed (see dvc queue logs {name})"])[-1]
+def start_worker(gpu: str | None, number: int) -> None:
+    env = dict(os.environ) if gpu is None else {**os.environ, "CUDA_VISIBLE_DEVICES": gpu}
+    dvc("queue", "start", "--jobs", str(number), env=env)
 
 
-def record_of(cell: dict, experiments: list[dict], failed: dict, queued: dict) -> dict:
-    """The cell's successful experiment, else its failed one: a failure never drops out of the table."""
-    matching = report.select(experiments, overrides=cell)
-    successes = [r for r in matching if not r["error"]]
-    if successes or matching:
-        return (successes or matching)[0]
-    name = next((n for n, c in queued.items() if c == cell), "not run")
-    return {"name": name, "params": cell, "metrics": {}, "error": failed.get(name, "no experiment found")}
+def alive(pid: int | None) -> bool:
+    if pid is None:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
+
+
+def record_for(cell: dict, workspace: dict, records: list[dict]) -> dict:
+    """The cell's best experiment (report.best); a cell with none keeps its row, not run."""
+    found = matching(cell, workspace, records)
+    if found:
+        return report.best(found)
+    return {"name": "-", "state": None, "params": report.nest(expected(cell, workspace)), "metrics": {},
+            "error": f"{report.NOT_RUN}no experiment found", "log": None}
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", default="alexnet,vgg16")
-    parser.add_argument("--strategies", default="feature_extraction,finetune")
-    parser.add_argument("--seeds", default="0")
-    parser.add_argument("-S", "--set-param", dest="overrides", action="append", default=[],
-                        metavar="KEY=VALUE", help="passed to every experiment; repeatable")
-    parser.add_argument("--jobs", type=int, default=1, help="experiments at a time (one GPU: keep 1)")
-    args = parser.parse_args()
-    overrides = parse_overrides(args.overrides)
-    cells = grid(args.models.split(","), args.strategies.split(","), [int(s) for s in args.seeds.split(",")],
-                 overrides)
-
-    done = [r for r in report.dvc_experiments() if not r["error"]]
-    todo = [c for c in cells if not report.select(done, overrides=c)]
-    print(f"{len(cells) - len(todo)} of {len(cells)} experiments already done; queueing {len(todo)}")
-    stamp = time.strftime("%Y%m%d-%H%M%S")  # names stay unique when the study runs again
-    names = [queue(cell, stamp) for cell in todo]
+    args = parse_args()
+    gpus = visible_gpus() if args.gpus is None else args.gpus
+    shown = report.exp_show()
+    workspace = report.workspace_params(shown)
+    unknown = [key for key in args.overrides if key not in flat(workspace)]
+    if unknown:
+        raise UserError(f"-S {unknown[0]}: no such key in params.yaml")
+    cells = grid(args.models, args.strategies, args.seeds, args.overrides)
+    mine = shard(cells, *args.shard)
+    done, pending, todo = plan(mine, workspace, report.experiments(shown))
+    share = f"shard {args.shard[0]}/{args.shard[1]}: {len(mine)} of {len(cells)} cells; " if args.shard[1] > 1 else ""
+    print(f"{share}{len(done)} of {len(mine)} experiments already done; queueing {len(todo)}"
+          + (f"; waiting for {len(pending)} already queued or running" if pending else ""))
+    prefix = time.strftime("study-%Y%m%d-%H%M%S")  # names stay unique when the study runs again
+    if todo:
+        queue(todo, args, prefix)
+    names = ours(report.experiments(report.exp_show()), prefix, todo + pending, workspace)
     if names:
-        run_queue(names, args.jobs)
-    failed = {n: failure_reason(n) for n, s in queue_status().items() if n in names and s == "Failed"}
+        print(f"running on {', '.join(f'GPU {g}' for g in gpus) or 'one worker, no GPU'}")
+        run_queue(names, gpus)
+        dvc("queue", "remove", "--success")  # the experiments stay in `dvc exp show`; only the queue's list clears
 
-    experiments = report.dvc_experiments()
-    for record in experiments:
-        record["error"] = failed.get(record["name"], record["error"])
-    records = [record_of(cell, experiments, failed, dict(zip(names, todo))) for cell in cells]
+    finished = report.experiments(report.exp_show())
+    records = [record_for(cell, workspace, finished) for cell in mine]
     report.write_report(report.results_table(records), records)
     print((report.OUT / "results.md").read_text())
     failures = [f"{r['name']}: {r['error']}" for r in records if r["error"]]
@@ -136,4 +284,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)
