@@ -1,6 +1,6 @@
 """Pretrained networks split into a body (the part that can be frozen) and a trained head.
 
-    network = build("alexnet", "imagenet", num_classes=10)
+    network = build("alexnet", "imagenet", num_classes=10, image_size=224)
     network.model          # nn.Sequential(body, head): images -> logits, for both strategies
     network.blocks         # the body's unfreezable blocks, input to output
     network.preprocess     # mean, std and interpolation that the weights expect
@@ -9,21 +9,15 @@ AlexNet and VGG16 keep the study's classifier: FC6 and FC7 with their ImageNet v
 part of the head, and only the last Linear(4096, 1000) becomes Linear(4096, num_classes).
 Any other model's last Linear layer is replaced and is the whole head.
 """
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from stages.params import UserError
-
-
-@dataclass(frozen=True)
-class Preprocess:
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-    interpolation: str  # a mode of torch.nn.functional.interpolate: bilinear, bicubic or nearest
-
+from stages.errors import UserError
+from stages.inputs import Preprocess
 
 @dataclass
 class Network:
@@ -40,15 +34,38 @@ class Network:
         return self.model[1]
 
 
-def build(name: str, weights: str, num_classes: int) -> Network:
-    """`weights`: imagenet (torchvision's weights API or timm's hub), none, or a state_dict file."""
-    if name.startswith("timm/"):
-        net, preprocess = _timm_model(name.removeprefix("timm/"), weights == "imagenet")
-    else:
-        net, preprocess = _torchvision_model(name, weights == "imagenet")
+def build(name: str, weights: str, num_classes: int, image_size: int | None = None) -> Network:
+    """`weights`: imagenet (torchvision's weights API or timm's hub), none, or a state_dict file.
+    With `image_size`, checks first that the body accepts images of that size."""
+    if image_size is not None:
+        check_image_size(name, image_size)
+    net, preprocess = _network(name, weights == "imagenet")
     if weights not in ("imagenet", "none"):
         load_state_dict_file(net, Path(weights))
     return _split(net, num_classes, preprocess)
+
+
+def _network(name: str, pretrained: bool):
+    if name.startswith("timm/"):
+        return _timm_model(name.removeprefix("timm/"), pretrained)
+    return _torchvision_model(name, pretrained)
+
+
+def check_image_size(name: str, size: int) -> None:
+    """Runs the body on the meta device (no memory, no compute): too small a size is a user error."""
+    def works(side: int) -> bool:
+        try:
+            body(torch.empty(1, 3, side, side, device="meta"))
+            return True
+        except RuntimeError:
+            return False
+
+    with torch.device("meta"):
+        body = _split(_network(name, pretrained=False)[0], 2, None).body
+    if not works(size):
+        smallest = next((side for side in range(size + 1, 1025) if works(side)), None)
+        raise UserError(f"params.yaml: data.image_size {size} is too small for {name}: "
+                        f"the smallest size that works is {smallest}")
 
 
 def _torchvision_model(name: str, pretrained: bool):
@@ -80,13 +97,43 @@ def _timm_model(name: str, pretrained: bool):
     return net, Preprocess(tuple(cfg["mean"]), tuple(cfg["std"]), cfg["interpolation"] or "bilinear")
 
 
+def load_tensors(path: Path):
+    """torch.load with weights_only=True: tensors and plain values only, so a file from a shared
+    remote can never run code here. Anything else, or a damaged file, is a one-line UserError."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        if "Weights only load failed" in str(error):
+            raise UserError(f"{path} holds more than tensors and plain values, so it is not loaded "
+                            "(it could run code): save it with torch.save(model.state_dict(), path)") from None
+        raise UserError(f"{path} is not a file written by torch.save ({_first_line(error)})") from None
+    except (RuntimeError, EOFError, OSError, ValueError, AttributeError, IndexError) as error:
+        raise UserError(f"{path} cannot be read ({error.__class__.__name__}: {_first_line(error)})") from None
+
+
+def _first_line(error: Exception) -> str:
+    return (str(error).strip().splitlines() or ["no details"])[0][:160]
+
+
+def read_state_dict(path: Path) -> dict:
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+        try:
+            state = load_file(path)
+        except (SafetensorError, OSError) as error:
+            raise UserError(f"{path} cannot be read as safetensors ({_first_line(error)})") from None
+    else:
+        state = load_tensors(path)
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise UserError(f"{path} is not a state_dict (a dict of tensors) but a {type(state).__name__}: "
+                        "check params weights")
+    return state
+
+
 def load_state_dict_file(net: nn.Module, path: Path) -> None:
     """Loads a .pth or .safetensors state_dict strictly, except for the classifier being replaced."""
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-        state = load_file(path)
-    else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+    state = read_state_dict(path)
     classifier = _last_linear_name(net)
     state = {k: v for k, v in state.items() if not k.startswith(classifier + ".")}
     missing, unexpected = net.load_state_dict(state, strict=False)
@@ -144,6 +191,16 @@ def _stages(net: nn.Module) -> list[nn.Module]:
         if isinstance(container, (nn.Sequential, nn.ModuleList)) and len(container) > 1:
             return list(container)
     return []
+
+
+def set_head_trainable(network: Network, trainable: str) -> int:
+    """Feature extraction trains the head on cached features: `last`, only its final Linear (the
+    study's classifier[6]; FC6 and FC7 keep their ImageNet values), or the whole `classifier`.
+    Returns the number of trainable parameters."""
+    last = network.head[-1] if isinstance(network.head, nn.Sequential) else network.head
+    network.head.requires_grad_(trainable == "classifier")
+    last.requires_grad_(True)
+    return sum(p.numel() for p in network.head.parameters() if p.requires_grad)
 
 
 def set_trainable(network: Network, unfreeze: int | str) -> int:

@@ -3,74 +3,114 @@
     python -m stages.cache_features      # or: dvc repro cache-features
 
 Writes data/features/{train,train_flip,val,test}.npy (fp16 N×D, memory-mappable, written as
-they come) and manifest.json. With strategy=finetune it writes only a manifest that says so:
-fine-tuning trains on images, and DVC's run-cache keeps the features of the other variant.
+they come) and manifest.json; its time goes to metrics/features.json, never into the data.
+With strategy=finetune it writes only a note that says so: fine-tuning trains on images, and
+DVC's run-cache keeps the features of the other variant.
 """
-import json
-import math
+import shutil
 import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from stages import backbones, batches, data, params
+from stages import backbones, data, device as devices, inputs, outputs, params
+from stages.errors import UserError, run_stage
 
 PREPARED = Path("data/prepared")
 OUT = Path("data/features")
+METRICS = Path("metrics/features.json")
+IN_FLIGHT = 3  # batches whose copy to the host and disk write may still be running
 
 
 def main():
     p = params.load()
-    if not params.start_strategy_stage(OUT, p, "feature_extraction"):
+    if not outputs.chosen_strategy(OUT, p.strategy, "feature_extraction"):
+        outputs.write_json(METRICS, {"features": {"time_s": 0.0, "vectors": 0}})
         return
-    device = batches.setup(p.device, p.seed)
-    network = backbones.build(p.model, p.weights, data.num_classes(PREPARED))
+    device = devices.setup(p.device)
+    network = backbones.build(p.model, p.weights, data.num_classes(PREPARED), p.data.image_size)
     body = prepare_body(network.body, device)
-    splits, seconds = {}, 0.0
     jobs = [("train", False), ("train", True), ("val", False), ("test", False)]
+    jobs = [(split, flip) for split, flip in jobs if p.features.flip or not flip]
+    images = {split: data.load_split(PREPARED, split)[0] for split in data.SPLITS}
+    dim = feature_dim(body, network.preprocess, p.data, device)
+    check_free_space(OUT, sum(len(images[split]) for split, _ in jobs) * dim * 2)
+    fast_body = devices.maybe_compile(body, p.compile)
+    splits, started = {}, time.perf_counter()
     for split, flip in jobs:
-        if flip and not p.features.flip:
-            continue
         name = split + ("_flip" if flip else "")
-        images = torch.from_numpy(data.load_split(PREPARED, split)[0])
-        inputs = batches.image_inputs(images, network.preprocess, p.data.image_size, p.features.batch_size,
-                                      device, flip=flip)
-        started = time.perf_counter()
-        shape = write_features(body, inputs, len(images), p.features.batch_size, OUT / f"{name}.npy", device, name)
-        seconds += time.perf_counter() - started
-        splits[name] = list(shape)
-    total = sum(shape[0] for shape in splits.values())
-    write_manifest({"model": p.model, "weights": p.weights, "image_size": p.data.image_size,
-                    "dtype": "float16", "splits": splits, "device": device.type,
-                    "images_per_s": round(total / seconds, 1)})
-    print(f"cached {total} feature vectors of {shape[1]} values at {total / seconds:.1f} images/s on {device}")
+        split_images = torch.from_numpy(images[split])
+        batches = inputs.image_inputs(split_images, network.preprocess, p.data.image_size, p.data.crop_pct,
+                                      p.features.batch_size, device, flip=flip)
+        write_features(fast_body, batches, len(split_images), p.features.batch_size, dim, OUT / f"{name}.npy",
+                       device, name)
+        splits[name] = [len(split_images), dim]
+    seconds = time.perf_counter() - started
+    total = sum(count for count, _ in splits.values())
+    outputs.write_json(OUT / "manifest.json", {
+        "model": p.model, "weights": p.weights, "image_size": p.data.image_size, "crop_pct": p.data.crop_pct,
+        "dtype": "float16", "splits": splits, "device": device.type})
+    outputs.write_json(METRICS, {"features": {"time_s": round(seconds, 2), "vectors": total,
+                                              "images_per_s": round(total / seconds, 1),
+                                              "device": devices.describe(device)}})
+    print(f"cached {total} feature vectors of {dim} values at {total / seconds:.1f} images/s on {device}")
 
 
 def prepare_body(body: torch.nn.Module, device: torch.device) -> torch.nn.Module:
-    return batches.place(body.eval().requires_grad_(False), device)
+    return devices.place(body.eval().requires_grad_(False), device)
 
 
 @torch.no_grad()
-def write_features(body, inputs, count: int, batch_size: int, path: Path, device, desc: str) -> tuple[int, int]:
-    """Streams fp16 features to a .npy file, batch by batch: memory does not grow with `count`."""
-    features = None
-    start = 0
-    for x in tqdm(inputs, desc=desc, total=math.ceil(count / batch_size), unit="batch", mininterval=2):
-        with batches.autocast(device):
-            batch = body(x).flatten(1).to(torch.float16).cpu().numpy()
-        if features is None:
-            features = np.lib.format.open_memmap(path, mode="w+", dtype=np.float16, shape=(count, batch.shape[1]))
-        features[start:start + len(batch)] = batch
-        start += len(batch)
+def feature_dim(body, preprocess, data_params, device) -> int:
+    x = inputs.model_input(torch.zeros(1, 8, 8, 3, dtype=torch.uint8, device=device), preprocess,
+                           data_params.image_size, data_params.crop_pct)
+    return body(x).flatten(1).shape[1]
+
+
+def check_free_space(folder: Path, needed: int) -> None:
+    free = shutil.disk_usage(folder).free
+    if needed > free:
+        raise UserError(f"the feature cache needs {needed / 1e9:.2f} GB in {folder}/, but only {free / 1e9:.2f} GB "
+                        "is free: free some space, or lower data.image_size, or set features.flip: false")
+
+
+@torch.no_grad()
+def write_features(body, batches, count: int, batch_size: int, dim: int, path: Path, device, desc: str) -> None:
+    """Streams fp16 features into a .npy file as they come. A writer thread copies each batch to
+    the file while the next one runs, and on the GPU the copy to (pinned) host memory is
+    asynchronous too: no synchronisation per batch. Memory does not grow with `count`."""
+    if count == 0:
+        np.save(path, np.zeros((0, dim), np.float16))
+        return
+    features = np.lib.format.open_memmap(path, mode="w+", dtype=np.float16, shape=(count, dim))
+    pending, start = deque(), 0
+    with ThreadPoolExecutor(1) as writer:
+        for x, rows in tqdm(batches, desc=desc, total=-(-count // batch_size), unit="batch", mininterval=2):
+            with devices.autocast(device):
+                batch = body(x).flatten(1)[:rows].to(torch.float16)
+            host = batch.to("cpu", non_blocking=True)
+            copied = None
+            if device.type == "cuda":
+                copied = torch.cuda.Event()
+                copied.record()
+            pending.append(writer.submit(store, features, start, host, copied))
+            start += rows
+            while len(pending) > IN_FLIGHT:
+                pending.popleft().result()
+        for future in pending:
+            future.result()
     features.flush()
-    return features.shape
 
 
-def write_manifest(manifest: dict) -> None:
-    (OUT / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+def store(features: np.ndarray, start: int, batch: torch.Tensor, copied) -> None:
+    if copied is not None:
+        copied.synchronize()
+    features[start:start + len(batch)] = batch.numpy()
 
 
 if __name__ == "__main__":
-    params.run_stage(main)
+    run_stage(main)

@@ -14,7 +14,8 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
-from stages.params import DataParams, UserError
+from stages.errors import UserError
+from stages.params import DataParams
 
 SPLITS = ("train", "val", "test")
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
@@ -36,18 +37,20 @@ class Source:
     splits: dict[str, SourceSplit]  # train and test, and val where the source has one
 
 
-def open_source(data: DataParams, seed: int) -> Source:
+def open_source(data: DataParams) -> Source:
     if data.source in ("cifar10", "cifar100"):
         return cifar_source(data.source, Path(data.root))
     if data.source == "imagefolder":
         return imagefolder_source(Path(data.root), data.stored_size, data.skip_unreadable)
     return synthetic_source(data.synthetic.classes, data.synthetic.train_per_class,
-                            data.synthetic.test_per_class, data.stored_size, seed)
+                            data.synthetic.test_per_class, data.stored_size or 32, data.split_seed)
 
 
-def prepare(data: DataParams, seed: int) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], dict]:
-    """Returns {split: (images, labels)} for train, val and test, and the manifest."""
-    source = open_source(data, seed)
+def prepare(data: DataParams) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], dict]:
+    """Returns {split: (images, labels)} for train, val and test, and the manifest.
+    With data.val_fraction 0 and no val/ folder, the val split is empty."""
+    source = open_source(data)
+    seed = data.split_seed
     arrays, skipped = {}, {}
     for name, split in source.splits.items():
         chosen = cap_per_class(split.labels, data.limit_per_class, rng(seed, f"limit/{name}"))
@@ -60,12 +63,16 @@ def prepare(data: DataParams, seed: int) -> tuple[dict[str, tuple[np.ndarray, np
         train = np.setdiff1d(np.arange(len(labels)), val)
         arrays["train"], arrays["val"] = (images[train], labels[train]), (images[val], labels[val])
     for name in SPLITS:
-        if len(arrays[name][1]) == 0:
+        if len(arrays[name][1]) == 0 and (name != "val" or data.has_validation):
             raise DataError(f"the {name} split is empty: raise data.limit_per_class or data.val_fraction")
+    side = arrays["train"][0].shape[1]
     manifest = {
         "source": data.source,
         "classes": source.classes,
         "image_size": list(arrays["train"][0].shape[1:3]),
+        "stored_size": {"side": side, "chosen_by": "data.stored_size" if data.stored_size else
+                        ("the image folder (all its images are this size)" if data.source == "imagefolder"
+                         else f"the source ({data.source} images are {side} px)")},
         "splits": {name: split_summary(*arrays[name], source.classes) for name in SPLITS},
         "skipped_unreadable": skipped,
     }
@@ -103,7 +110,8 @@ def split_summary(images: np.ndarray, labels: np.ndarray, classes: list[str]) ->
 # --- writing and reading the prepared arrays -------------------------------------------------
 
 def save(arrays: dict, manifest: dict, folder: Path) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
+    """Into a new folder: never into files that DVC may have linked into its cache."""
+    folder.mkdir(parents=True)
     for name, (images, labels) in arrays.items():
         np.save(folder / f"{name}_images.npy", images)
         np.save(folder / f"{name}_labels.npy", labels.astype(np.int64))
@@ -159,7 +167,7 @@ def read_cifar_batches(paths: list[Path], label_key: str) -> tuple[np.ndarray, n
 
 # --- an image folder: root/{train,test[,val]}/<class>/<image> ---------------------------------
 
-def imagefolder_source(root: Path, stored_size: int, skip_unreadable: bool) -> Source:
+def imagefolder_source(root: Path, stored_size: int | None, skip_unreadable: bool) -> Source:
     names = [s for s in ("train", "val", "test") if (root / s).is_dir()]
     listings = {name: list_images(root / name) for name in names}
     classes = sorted(listings["train"])
@@ -185,13 +193,15 @@ def list_images(folder: Path) -> dict[str, list[Path]]:
     return listing
 
 
-def decode_images(paths, indices, size, skip_unreadable, split):
+def decode_images(paths, indices, size: int | None, skip_unreadable, split):
+    """RGB uint8 images, resized to size×size; with size None, kept at their own size, which
+    all of them must share."""
     images, kept = [], []
     for path, index in zip(tqdm(paths, desc=f"decode {split}", unit="img", mininterval=2), indices):
         try:
             with Image.open(path) as image:
                 image = image.convert("RGB")
-                if image.size != (size, size):
+                if size and image.size != (size, size):
                     image = image.resize((size, size), Image.Resampling.BICUBIC)
                 images.append(np.asarray(image))
                 kept.append(index)
@@ -199,7 +209,12 @@ def decode_images(paths, indices, size, skip_unreadable, split):
             if not skip_unreadable:
                 raise DataError(f"cannot read {path} ({error.__class__.__name__}): remove it, "
                                 "or set data.skip_unreadable: true") from None
-    stacked = np.stack(images) if images else np.zeros((0, size, size, 3), np.uint8)
+    sizes = sorted({image.shape[1::-1] for image in images})
+    if len(sizes) > 1 or (sizes and sizes[0][0] != sizes[0][1]):
+        shown = ", ".join(f"{w}×{h}" for w, h in sizes[:4]) + (", ..." if len(sizes) > 4 else "")
+        raise DataError(f"the images of {split} are not all one square size ({shown}): "
+                        "set data.stored_size to the side to store them at")
+    stacked = np.stack(images) if images else np.zeros((0, size or 32, size or 32, 3), np.uint8)
     return stacked, np.asarray(kept, dtype=np.int64)
 
 

@@ -4,21 +4,23 @@
 
 Always runs on images, never on cached features, so both strategies are measured the same
 way. For feature extraction it also runs the head on the cached test features and records how
-far the two paths' logits differ. Writes metrics/metrics.json and plots/ for `dvc plots`.
+far the two paths' logits differ. Writes metrics/metrics.json (test accuracy, and the whole
+cell's cost: the feature cache's time plus training's), plots/data/ for `dvc plots`, and PNGs.
 """
-import json
 import time
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import torch
 
-from stages import backbones, batches, data, figures, loop, params
+from stages import backbones, data, device as devices, figures, inputs, loop, outputs, params
+from stages.errors import UserError, run_stage
 
 PREPARED = Path("data/prepared")
 FEATURES = Path("data/features")
-MODELS = {"feature_extraction": Path("models/train_heads/model.pt"), "finetune": Path("models/finetune/model.pt")}
+FEATURE_METRICS = Path("metrics/features.json")
+TRAINED = {"feature_extraction": (Path("models/train_heads/model.pt"), Path("live/train_heads"), "head"),
+           "finetune": (Path("models/finetune/model.pt"), Path("live/finetune"), "model")}
 METRICS = Path("metrics/metrics.json")
 PLOTS = Path("plots")
 GRID_IMAGES = 32  # test images in the predictions figure
@@ -27,68 +29,61 @@ MIN_AGREEMENT = 0.95  # a stale cache agrees far less; bf16 on the GPU flips a f
 
 def main():
     p = params.load()
-    device = batches.setup(p.device, p.seed)
+    device = devices.setup(p.device)
     classes = data.load_manifest(PREPARED)["classes"]
     images, labels = data.load_split(PREPARED, "test")
-    trained = torch.load(MODELS[p.strategy], map_location="cpu", weights_only=False)
-    network = backbones.build(p.model, p.weights, len(classes))
-    if p.strategy == "feature_extraction":
-        network.head.load_state_dict(trained["head"])
-    else:
-        network.model.load_state_dict(trained["model"])
-    model = batches.place(network.model, device)
+    model_file, live_dir, state_key = TRAINED[p.strategy]
+    trained = backbones.load_tensors(model_file)
+    network = backbones.build(p.model, p.weights, len(classes), p.data.image_size)
+    try:
+        (network.head if state_key == "head" else network.model).load_state_dict(trained[state_key])
+    except (KeyError, TypeError, RuntimeError) as error:
+        raise UserError(f"{model_file} does not hold this model's {state_key} ({error.__class__.__name__}): "
+                        f"rerun its stage with dvc repro -f") from None
+    model = devices.maybe_compile(devices.place(network.model, device), p.compile)
 
     started = time.perf_counter()
-    inputs = batches.image_inputs(torch.from_numpy(images), network.preprocess, p.data.image_size,
+    batches = inputs.image_inputs(torch.from_numpy(images), network.preprocess, p.data.image_size, p.data.crop_pct,
                                   p.evaluate.batch_size, device)
-    logits = loop.predict(model, inputs, device)
+    logits = loop.predict(model, batches, device)
     seconds = time.perf_counter() - started
     loss, accuracy = loop.loss_and_accuracy(logits, torch.from_numpy(labels))
     predicted = logits.argmax(1).numpy()
     per_class = {c: float((predicted[labels == i] == i).mean()) for i, c in enumerate(classes)}
+    training = outputs.read_json(live_dir / "metrics.json")
+    features = outputs.read_json(FEATURE_METRICS)["features"]
     metrics = {
         "test": {"accuracy": accuracy, "loss": loss, "images_per_s": round(len(labels) / seconds, 1),
                  "per_class_accuracy": per_class},
-        "train": {"time_s": round(trained["train_time_s"], 2),
-                  "images_per_s": round(trained["train_images_per_s"], 1),
-                  "trainable_params": trained["trainable_params"],
-                  "best_epoch": trained["best_epoch"], "epochs_run": len(trained["history"])},
-        "run": {"device": describe(device)},
+        "train": {key: training[key] for key in
+                  ("time_s", "images_per_s", "trainable_params", "best_epoch", "epochs_run")},
+        "features": {"time_s": features["time_s"], "images_per_s": features.get("images_per_s", 0.0)},
+        "total_time_s": round(features["time_s"] + training["time_s"], 2),
+        "run": {"device": devices.describe(device), "cuda_visible_devices": devices.visible_gpus()},
     }
     if p.strategy == "feature_extraction":
         metrics["cache_check"] = compare_with_cache(network.head, logits, device)
-    METRICS.parent.mkdir(parents=True, exist_ok=True)
-    METRICS.write_text(json.dumps(metrics, indent=2) + "\n")
-    write_plots(trained["history"], labels, predicted, per_class, images, classes, f"{p.model}, {p.strategy}")
+    outputs.write_json(METRICS, metrics)
+    write_plots(labels, predicted, per_class, images, classes, f"{p.model}, {p.strategy}")
     print(f"test accuracy {accuracy:.4f}, loss {loss:.4f} on {len(labels)} images ({p.model}, {p.strategy})")
-
-
-def describe(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"cpu ({torch.get_num_threads()} threads)"
 
 
 def compare_with_cache(head: torch.nn.Module, logits: torch.Tensor, device) -> dict:
     """Runs the head on the cached test features: the two paths must agree, or the cache is stale."""
     cached = torch.from_numpy(np.load(FEATURES / "test.npy"))
-    from_cache = loop.predict(head, (x.to(device).float() for x in cached.split(4096)), device)
+    from_cache = loop.predict(head, ((x.to(device).float(), len(x)) for x in cached.split(4096)), device)
     agreement = (from_cache.argmax(1) == logits.argmax(1)).float().mean().item()
     if agreement < MIN_AGREEMENT:
-        raise params.UserError(f"the head agrees with the full model on only {agreement:.1%} of test images, "
-                               "so the cached features do not come from this backbone (were the weights "
-                               "replaced in place?): run dvc repro -f cache-features")
+        raise UserError(f"the head agrees with the full model on only {agreement:.1%} of test images, "
+                        "so the cached features do not come from this backbone: run dvc repro -f cache-features")
     return {"max_logit_diff": (from_cache - logits).abs().max().item(), "prediction_agreement": agreement}
 
 
-def write_plots(history, labels, predicted, per_class, images, classes, title) -> None:
-    (PLOTS / "data").mkdir(parents=True, exist_ok=True)
-    pd.DataFrame(history).drop(columns="seconds").to_csv(PLOTS / "data/learning_curve.csv", index=False)
-    pairs = [{"actual": classes[t], "predicted": classes[g]} for t, g in zip(labels, predicted)]
-    (PLOTS / "data/confusion.json").write_text(json.dumps(pairs) + "\n")
-    rows = [{"class": c, "accuracy": a} for c, a in per_class.items()]
-    (PLOTS / "data/per_class_accuracy.json").write_text(json.dumps(rows, indent=1) + "\n")
-    figures.learning_curves(history, f"Learning curves: {title}", PLOTS / "learning_curves.png")
+def write_plots(labels, predicted, per_class, images, classes, title) -> None:
+    folder = outputs.fresh_folder(PLOTS / "data")
+    outputs.write_json(folder / "confusion.json",
+                       [{"actual": classes[t], "predicted": classes[g]} for t, g in zip(labels, predicted)])
+    outputs.write_json(folder / "per_class_accuracy.json", [{"class": c, "accuracy": a} for c, a in per_class.items()])
     matrix = np.zeros((len(classes), len(classes)), dtype=np.int64)
     np.add.at(matrix, (labels, predicted), 1)
     figures.confusion(matrix, classes, f"Test confusion matrix: {title}", PLOTS / "confusion.png")
@@ -98,4 +93,4 @@ def write_plots(history, labels, predicted, per_class, images, classes, title) -
 
 
 if __name__ == "__main__":
-    params.run_stage(main)
+    run_stage(main)

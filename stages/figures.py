@@ -1,26 +1,14 @@
-"""Figures a person reads, drawn with matplotlib: learning curves, confusion, predictions, study bars."""
+"""Figures a person reads, drawn with matplotlib: the test confusion matrix and predictions.
+
+Learning curves come from DVCLive's files through `dvc plots`; the study's chart is in report.py.
+"""
 from pathlib import Path
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
 import numpy as np  # noqa: E402
-
-
-def learning_curves(history: list[dict], title: str, path: Path) -> None:
-    epochs = [r["epoch"] for r in history]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for ax, metric in zip(axes, ("loss", "accuracy")):
-        for split, style in (("train", "-o"), ("val", "-s")):
-            ax.plot(epochs, [r[f"{split}_{metric}"] for r in history], style, label=split, markersize=3)
-        ax.set(xlabel="epoch", ylabel=metric, title=f"{metric} per epoch")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.suptitle(title)
-    _save(fig, path)
 
 
 def confusion(matrix: np.ndarray, classes: list[str], title: str, path: Path) -> None:

@@ -1,12 +1,14 @@
 """One training loop for both strategies: the head on cached features, or the model on images.
 
-Adam with one learning rate per parameter group, an optional warm-up and cosine schedule per
-step, selection of the best epoch by validation accuracy, optional early stopping, DVCLive
-logs, and a checkpoint after every epoch from which an interrupted run resumes exactly.
-Each epoch seeds its own random numbers, so a resumed run repeats the uninterrupted one.
+SGD (with momentum, optionally Nesterov), Adam or AdamW with one learning rate per parameter
+group, an optional warm-up and cosine schedule per step, and either the best epoch by
+validation accuracy (with optional early stopping) or, without a validation split, the last
+epoch. DVCLive records every epoch. An optional checkpoint after every epoch lets an
+interrupted run resume exactly: each epoch seeds its own random numbers.
 """
 import math
 import os
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,43 +20,57 @@ from dvclive import Live
 from torch import nn
 from tqdm import tqdm
 
-from stages.backbones import keep_frozen_norms_in_eval
-from stages.batches import autocast
+from stages.backbones import keep_frozen_norms_in_eval, load_tensors
+from stages.device import autocast
+from stages.errors import UserError
 from stages.params import TrainParams
 
 Batches = Iterator[tuple[torch.Tensor, torch.Tensor]]
+Validate = Callable[[], tuple[float, float]]
 
 
 @dataclass
 class Fitted:
-    best_state: dict  # the model's state_dict at its best validation accuracy
-    best_epoch: int  # 1-based
+    state: dict  # the model's state_dict: at its best validation accuracy, or after the last epoch
+    epoch: int  # 1-based: the epoch that `state` comes from
     history: list[dict]  # one record per epoch: losses, accuracies, seconds
     train_time_s: float  # training epochs only, resumed runs included
     images_per_s: float
 
 
+def make_optimizer(cfg: TrainParams, param_groups: list[dict]) -> torch.optim.Optimizer:
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(param_groups, momentum=cfg.momentum, nesterov=cfg.nesterov,
+                               weight_decay=cfg.weight_decay, foreach=True)
+    kind = torch.optim.Adam if cfg.optimizer == "adam" else torch.optim.AdamW
+    return kind(param_groups, weight_decay=cfg.weight_decay, fused=True)  # fused: 40 % faster on CPU too
+
+
 def fit(model: nn.Module, param_groups: list[dict], train_batches: Callable[[torch.Generator], Batches],
-        n_train: int, validate: Callable[[], tuple[float, float]], cfg: TrainParams, seed: int,
-        device: torch.device, live_dir: Path, checkpoint: Path | None = None, fingerprint: str = "") -> Fitted:
-    optimizer = torch.optim.Adam(param_groups, weight_decay=cfg.weight_decay, fused=True)  # 40 % faster on CPU too
+        n_train: int, validate: Validate | None, cfg: TrainParams, seed: int, device: torch.device,
+        live_dir: Path, checkpoint: Path | None = None, fingerprint: str = "", state_of: nn.Module | None = None
+        ) -> Fitted:
+    """`validate` None: no validation split, so the model after the last epoch is the result.
+    `state_of`: the module whose state_dict is saved, when `model` is its torch.compile'd wrapper."""
+    state_of = state_of or model
+    optimizer = make_optimizer(cfg, param_groups)
     steps_per_epoch = math.ceil(n_train / cfg.batch_size)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(
         step, cfg.warmup_epochs * steps_per_epoch, cfg.epochs * steps_per_epoch, cfg.schedule))
     history, best_acc, best_epoch, best_state = [], -1.0, 0, None
     saved = load_checkpoint(checkpoint, fingerprint)
     if saved:
-        model.load_state_dict(saved["model"])
+        state_of.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
         history, best_acc, best_epoch, best_state = (saved[k] for k in ("history", "best_acc", "best_epoch", "best_state"))
         print(f"resuming from {checkpoint} after epoch {len(history)}")
-    live = Live(str(live_dir), save_dvc_exp=False, dvcyaml=None)
+    live = Live(str(live_dir), save_dvc_exp=False, dvcyaml=None, report=None)
     for record in history:  # the logs of a resumed run equal those of an uninterrupted one
-        log_epoch(live, record)
+        log_epoch(live, record, best_epoch)
     epochs = tqdm(range(len(history), cfg.epochs), desc="epochs", unit="epoch", initial=len(history), total=cfg.epochs)
     for epoch in epochs:
-        if cfg.patience and epoch - best_epoch >= cfg.patience:
+        if validate and cfg.patience and epoch - best_epoch >= cfg.patience:
             print(f"early stop: no better val accuracy for {cfg.patience} epochs")
             break
         torch.manual_seed(seed * 1_000_003 + epoch)  # dropout
@@ -63,33 +79,37 @@ def fit(model: nn.Module, param_groups: list[dict], train_batches: Callable[[tor
         train_loss, train_acc = train_one_epoch(model, optimizer, scheduler, train_batches(generator),
                                                 steps_per_epoch, device, f"epoch {epoch + 1}")
         seconds = time.perf_counter() - started
-        val_loss, val_acc = validate()
-        record = {"epoch": epoch + 1, "train_loss": train_loss, "train_accuracy": train_acc,
-                  "val_loss": val_loss, "val_accuracy": val_acc, "seconds": seconds}
+        record = {"epoch": epoch + 1, "train_loss": train_loss, "train_accuracy": train_acc, "seconds": seconds}
+        if validate:
+            record["val_loss"], record["val_accuracy"] = validate()
+            epochs.set_postfix(val_accuracy=f"{record['val_accuracy']:.4f}")
         history.append(record)
-        log_epoch(live, record)
-        epochs.set_postfix(val_accuracy=f"{val_acc:.4f}")
-        if val_acc > best_acc:
-            best_acc, best_epoch = val_acc, epoch + 1
-            best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+        if not validate or record["val_accuracy"] > best_acc:
+            best_acc, best_epoch = record.get("val_accuracy", -1.0), epoch + 1
+            best_state = {k: v.detach().to("cpu", copy=True) for k, v in state_of.state_dict().items()}
+        log_epoch(live, record, best_epoch)
         if checkpoint:
             save_checkpoint(checkpoint, {
-                "fingerprint": fingerprint, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "fingerprint": fingerprint, "model": state_of.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "history": history, "best_acc": best_acc,
                 "best_epoch": best_epoch, "best_state": best_state})
-    live.end()
     train_time = sum(r["seconds"] for r in history)
-    return Fitted(best_state, best_epoch, history, train_time, n_train * len(history) / train_time)
+    fitted = Fitted(best_state, best_epoch, history, train_time, n_train * len(history) / train_time)
+    live.summary.update({"best_epoch": best_epoch, "epochs_run": len(history), "time_s": round(train_time, 2),
+                         "images_per_s": round(fitted.images_per_s, 1),
+                         "trainable_params": sum(p.numel() for p in state_of.parameters() if p.requires_grad)})
+    live.end()
+    return fitted
 
 
-def save_trained(path: Path, fitted: Fitted, state_key: str, trainable_params: int) -> None:
-    """The best state under `state_key` (head or model), with what evaluate reports of training."""
-    torch.save({state_key: fitted.best_state, "history": fitted.history, "best_epoch": fitted.best_epoch,
-                "train_time_s": fitted.train_time_s, "train_images_per_s": fitted.images_per_s,
-                "trainable_params": trainable_params}, path)
-    best = fitted.history[fitted.best_epoch - 1]
-    print(f"best epoch {fitted.best_epoch}: val accuracy {best['val_accuracy']:.4f}, "
-          f"{fitted.train_time_s:.1f} s of training, {trainable_params:,} trainable parameters")
+def save_trained(path: Path, fitted: Fitted, state_key: str) -> None:
+    """The chosen state under `state_key` (head or model) and its epoch; no timings, so that
+    identical runs write identical bytes. What training cost is in DVCLive's metrics.json."""
+    torch.save({state_key: fitted.state, "epoch": fitted.epoch}, path)
+    chosen = fitted.history[fitted.epoch - 1]
+    which = (f"best epoch {fitted.epoch}: val accuracy {chosen['val_accuracy']:.4f}" if "val_accuracy" in chosen
+             else f"last epoch {fitted.epoch}: train accuracy {chosen['train_accuracy']:.4f}")
+    print(f"{which}, {fitted.train_time_s:.1f} s of training")
 
 
 def lr_factor(step: int, warmup_steps: int, total_steps: int, schedule: str) -> float:
@@ -121,13 +141,13 @@ def train_one_epoch(model, optimizer, scheduler, batches: Batches, steps: int, d
 
 
 @torch.no_grad()
-def predict(model: nn.Module, inputs: Iterable[torch.Tensor], device: torch.device) -> torch.Tensor:
-    """float32 logits on the CPU, in the order of the inputs."""
+def predict(model: nn.Module, inputs: Iterable[tuple[torch.Tensor, int]], device: torch.device) -> torch.Tensor:
+    """float32 logits on the CPU, in the order of the inputs; each batch keeps its first `count` rows."""
     model.eval()
     outputs = []
-    for x in inputs:
+    for x, count in inputs:
         with autocast(device):
-            outputs.append(model(x).float().cpu())
+            outputs.append(model(x)[:count].float().cpu())
     return torch.cat(outputs)
 
 
@@ -136,19 +156,26 @@ def loss_and_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float
     return F.cross_entropy(logits, labels).item(), (logits.argmax(1) == labels).float().mean().item()
 
 
-def log_epoch(live: Live, record: dict) -> None:
+def log_epoch(live: Live, record: dict, best_epoch: int) -> None:
     for split in ("train", "val"):
-        live.log_metric(f"{split}/loss", record[f"{split}_loss"])
-        live.log_metric(f"{split}/accuracy", record[f"{split}_accuracy"])
+        if f"{split}_loss" in record:
+            live.log_metric(f"{split}/loss", record[f"{split}_loss"])
+            live.log_metric(f"{split}/accuracy", record[f"{split}_accuracy"])
+    live.summary["best_epoch"] = best_epoch
     live.next_step()
 
 
 def load_checkpoint(path: Path | None, fingerprint: str) -> dict | None:
-    """The checkpoint at `path` if it was written for the same fingerprint (params and data)."""
+    """The checkpoint at `path` if it was written for the same fingerprint (params and data).
+    One that can't be read safely is ignored with a warning, and training starts over."""
     if not path or not path.exists():
         return None
-    saved = torch.load(path, map_location="cpu", weights_only=False)
-    if saved.get("fingerprint") != fingerprint:
+    try:
+        saved = load_tensors(path)
+    except UserError as error:
+        print(f"warning: {error}; training starts over", file=sys.stderr)
+        return None
+    if not isinstance(saved, dict) or saved.get("fingerprint") != fingerprint:
         print(f"ignoring {path}: it was written for other params or data")
         return None
     return saved

@@ -1,14 +1,10 @@
 """params.yaml, loaded once and validated into frozen dataclasses.
 
-    python -m stages.params          # the check-params stage: validate, then write data/params.ok
-
 Every stage calls `load()` first, so a wrong key, type or value stops it with a one-line
-error before it touches an output. The check-params stage runs the same validation ahead
-of every other stage, so that `dvc repro` stops before DVC deletes any stage's outputs.
+error before it touches an output; the check-inputs stage runs the same validation ahead of
+every other stage, so that `dvc repro` stops before DVC deletes any stage's outputs.
+`load()` is quick: it imports no model registry (check_inputs checks the model's name).
 """
-import json
-import shutil
-import sys
 import types
 import typing
 from dataclasses import dataclass, fields
@@ -17,28 +13,14 @@ from typing import Literal, Union
 
 import yaml
 
+from stages.errors import UserError
+
 PARAMS_FILE = "params.yaml"
-CHECKED_MARKER = Path("data/params.ok")
-
-
-class UserError(Exception):
-    """A mistake the user can fix: printed as one line, exit code 2, no traceback."""
+RESTORE_HINT = "git checkout params.yaml restores the committed values"
 
 
 class ParamError(UserError):
     pass
-
-
-def run_stage(main) -> None:
-    """Runs a stage's main(); a UserError becomes one line on stderr and exit code 2."""
-    try:
-        main()
-    except UserError as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        sys.exit(130)
 
 
 @dataclass(frozen=True)
@@ -52,19 +34,26 @@ class SyntheticParams:
 class DataParams:
     source: Literal["cifar10", "cifar100", "imagefolder", "synthetic"]
     root: str  # download folder, or the image folder's root
-    image_size: int  # side of the images the backbone sees; upsampled on the device
-    val_fraction: float  # share of each train class carved out for validation
+    split_seed: int  # seeds the validation carve, the per-class cap and the synthetic images
+    image_size: int  # side of the images the backbone sees; resized on the device
+    crop_pct: float  # resize to image_size / crop_pct, then center-crop image_size
+    val_fraction: float  # share of each train class held out for validation; 0: none
     limit_per_class: Union[int, None]  # cap per class and split, applied before the val carve
-    stored_size: int  # side of the stored uint8 images; an image folder is resized to it
+    stored_size: Union[int, None]  # side of the stored uint8 images; null: the source's own
     skip_unreadable: bool  # image folder: skip files PIL cannot read instead of failing
     synthetic: SyntheticParams
 
     def __post_init__(self):
+        _require(self.split_seed >= 0, "data.split_seed", "must be >= 0", self.split_seed)
         _require(self.image_size >= 16, "data.image_size", "must be at least 16", self.image_size)
-        _require(0 < self.val_fraction < 1, "data.val_fraction", "must be in (0, 1)", self.val_fraction)
+        _require(0 < self.crop_pct <= 1, "data.crop_pct", "must be in (0, 1]", self.crop_pct)
+        _require(0 <= self.val_fraction < 1, "data.val_fraction", "must be in [0, 1)", self.val_fraction)
         _require(self.limit_per_class is None or self.limit_per_class > 0,
                  "data.limit_per_class", "must be a positive integer or null", self.limit_per_class)
-        _require(self.stored_size >= 8, "data.stored_size", "must be at least 8", self.stored_size)
+        _require(self.stored_size is None or self.stored_size >= 8, "data.stored_size",
+                 "must be at least 8, or null", self.stored_size)
+        _require(self.stored_size in (None, 32) or not self.source.startswith("cifar"), "data.stored_size",
+                 "must be null or 32 for CIFAR, whose images are 32 px", self.stored_size)
         _require(self.synthetic.classes >= 2, "data.synthetic.classes", "must be at least 2", self.synthetic.classes)
         for key in ("train_per_class", "test_per_class"):
             value = getattr(self.synthetic, key)
@@ -74,6 +63,11 @@ class DataParams:
                 _require(Path(self.root, split).is_dir(), "data.root",
                          f"must hold {split}/<class>/ image folders; set it to your image folder's root",
                          self.root)
+
+    @property
+    def has_validation(self) -> bool:
+        """A validation split exists: carved from train, or the image folder's own val/."""
+        return self.val_fraction > 0 or (self.source == "imagefolder" and Path(self.root, "val").is_dir())
 
 
 @dataclass(frozen=True)
@@ -87,20 +81,30 @@ class FeatureParams:
 
 @dataclass(frozen=True)
 class TrainParams:
+    optimizer: Literal["sgd", "adam", "adamw"]
+    lr: float  # for finetune: the classifier's
+    momentum: float  # SGD only
+    nesterov: bool  # SGD only
+    weight_decay: float
     epochs: int
     batch_size: int
-    lr: float  # Adam's learning rate (for finetune: the head's)
-    weight_decay: float
     schedule: Literal["constant", "cosine"]  # per step, after the warm-up
     warmup_epochs: int  # linear warm-up from 0
     patience: Union[int, None]  # early stopping: epochs without a better val accuracy; null: never
 
+    @property
+    def section(self) -> str:
+        return "finetune" if isinstance(self, FinetuneParams) else "train_heads"
+
     def __post_init__(self):
-        section = "finetune" if isinstance(self, FinetuneParams) else "train_heads"
+        section = self.section
+        _require(self.lr > 0, f"{section}.lr", "must be positive", self.lr)
+        _require(0 <= self.momentum < 1, f"{section}.momentum", "must be in [0, 1)", self.momentum)
+        _require(not self.nesterov or (self.optimizer == "sgd" and self.momentum > 0), f"{section}.nesterov",
+                 "needs optimizer sgd and a momentum above 0", self.nesterov)
+        _require(self.weight_decay >= 0, f"{section}.weight_decay", "must be >= 0", self.weight_decay)
         _require(self.epochs > 0, f"{section}.epochs", "must be positive", self.epochs)
         _require(self.batch_size > 0, f"{section}.batch_size", "must be positive", self.batch_size)
-        _require(self.lr > 0, f"{section}.lr", "must be positive", self.lr)
-        _require(self.weight_decay >= 0, f"{section}.weight_decay", "must be >= 0", self.weight_decay)
         _require(0 <= self.warmup_epochs < self.epochs, f"{section}.warmup_epochs",
                  f"must be in [0, {section}.epochs)", self.warmup_epochs)
         _require(self.patience is None or self.patience > 0, f"{section}.patience",
@@ -108,9 +112,14 @@ class TrainParams:
 
 
 @dataclass(frozen=True)
+class HeadParams(TrainParams):
+    trainable: Literal["last", "classifier"]  # the final Linear only, or the whole classifier
+
+
+@dataclass(frozen=True)
 class FinetuneParams(TrainParams):
     unfreeze: Union[int, Literal["all"]]  # the last N blocks of the backbone are trained
-    backbone_lr: float  # Adam's learning rate for the unfrozen blocks
+    backbone_lr: float  # the unfrozen blocks' learning rate
     flip: bool  # random horizontal flips, on the device
     crop_padding: int  # random crops after padding by this many pixels; 0 turns them off
 
@@ -132,14 +141,15 @@ class EvaluateParams:
 
 @dataclass(frozen=True)
 class Params:
-    seed: int
+    seed: int  # seeds training only
     model: str  # alexnet | vgg16 | any torchvision classification model | timm/<name>
     weights: str  # imagenet | none | path to a state_dict file
     strategy: Literal["feature_extraction", "finetune"]
     device: Literal["auto", "cpu", "cuda"]
+    compile: bool  # torch.compile the frozen body and the fine-tuned model
     data: DataParams
     features: FeatureParams
-    train_heads: TrainParams
+    train_heads: HeadParams
     finetune: FinetuneParams
     evaluate: EvaluateParams
 
@@ -150,8 +160,16 @@ class Params:
                      "must be imagenet, none, or the path of an existing state_dict file", self.weights)
             _require(self.weights.endswith((".pth", ".pt", ".safetensors")), "weights",
                      "a state_dict file must end in .pth, .pt or .safetensors", self.weights)
-        _require(_is_known_model(self.model), "model",
-                 "is not a torchvision classification model nor timm/<a timm model name>", self.model)
+        _require(self.model.strip() == self.model and self.model not in ("", "timm/"), "model",
+                 "must name a torchvision model or timm/<name>", self.model)
+        if not self.data.has_validation:
+            for train in (self.train_heads, self.finetune):
+                _require(train.patience is None, f"{train.section}.patience",
+                         "needs a validation split: set data.val_fraction above 0, or patience: null", train.patience)
+
+    @property
+    def training(self) -> TrainParams:
+        return self.train_heads if self.strategy == "feature_extraction" else self.finetune
 
 
 def load(path=PARAMS_FILE) -> Params:
@@ -166,7 +184,7 @@ def load(path=PARAMS_FILE) -> Params:
 
 def _require(ok: bool, key: str, rule: str, value) -> None:
     if not ok:
-        raise ParamError(f"params.yaml: {key} {rule} (got {value!r})")
+        raise ParamError(f"params.yaml: {key} {rule} (got {value!r}; {RESTORE_HINT})")
 
 
 def _build(cls, raw, prefix: str):
@@ -192,7 +210,7 @@ def _build(cls, raw, prefix: str):
         elif _fits(value, hint):
             values[name] = float(value) if hint is float else value
         else:
-            raise ParamError(f"params.yaml: {key} must be {_describe(hint)} (got {value!r})")
+            _require(False, key, f"must be {_describe(hint)}", value)
     return cls(**values)
 
 
@@ -228,30 +246,12 @@ def _parse_float(text: str):
         return text
 
 
-def _is_known_model(name: str) -> bool:
+def check_model_name(name: str) -> None:
+    """Imports torchvision's or timm's model registry (seconds): the check-inputs stage calls it."""
     if name.startswith("timm/"):
         import timm
-        return bool(timm.list_models(name.removeprefix("timm/")))
-    import torchvision
-    return name in torchvision.models.list_models(module=torchvision.models)
-
-
-def start_strategy_stage(folder: Path, p: Params, strategy: str) -> bool:
-    """Empties a strategy's output folder. When `strategy` is not the chosen one, leaves only a
-    small note there and returns False: DVC's run-cache keeps the real outputs of that variant."""
-    shutil.rmtree(folder, ignore_errors=True)
-    folder.mkdir(parents=True)
-    if p.strategy == strategy:
-        return True
-    (folder / "skipped.json").write_text(json.dumps({"skipped": f"strategy is {p.strategy}"}) + "\n")
-    return False
-
-
-def main():
-    load()
-    CHECKED_MARKER.parent.mkdir(parents=True, exist_ok=True)
-    CHECKED_MARKER.write_text("params.yaml is valid\n")  # constant, so later stages don't rerun for it
-
-
-if __name__ == "__main__":
-    run_stage(main)
+        known = bool(timm.list_models(name.removeprefix("timm/")))
+    else:
+        import torchvision
+        known = name in torchvision.models.list_models(module=torchvision.models)
+    _require(known, "model", "is not a torchvision classification model nor timm/<a timm model name>", name)

@@ -3,27 +3,29 @@
     python -m stages.prepare_data        # or: dvc repro prepare-data
 
 Writes data/prepared/{train,val,test}_{images,labels}.npy and manifest.json. The same
-params give byte-identical files.
+params (data.split_seed among them; the training seed is not) give byte-identical files.
 """
 import shutil
 from pathlib import Path
 
 from stages import data, params
+from stages.errors import run_stage
 
 OUT = Path("data/prepared")
 
 
 def main():
     p = params.load()
-    arrays, manifest = data.prepare(p.data, p.seed)
+    arrays, manifest = data.prepare(p.data)
     partial = OUT.with_name(OUT.name + ".partial")  # an error never leaves half an output
     shutil.rmtree(partial, ignore_errors=True)
     data.save(arrays, manifest, partial)
     shutil.rmtree(OUT, ignore_errors=True)
     partial.rename(OUT)
     counts = ", ".join(f"{name} {manifest['splits'][name]['count']}" for name in data.SPLITS)
-    print(f"prepared {p.data.source}: {counts} images in {len(manifest['classes'])} classes")
+    print(f"prepared {p.data.source}: {counts} images in {len(manifest['classes'])} classes, "
+          f"stored at {manifest['stored_size']['side']} px")
 
 
 if __name__ == "__main__":
-    params.run_stage(main)
+    run_stage(main)

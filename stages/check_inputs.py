@@ -1,0 +1,73 @@
+"""check-inputs: validates params.yaml, then fingerprints the local inputs that stages read.
+
+    python -m stages.check_inputs        # dvc repro runs it first, every time
+
+DVC removes a stage's outputs before it runs the stage, so every stage depends on this one,
+which validates params.yaml first: a bad value stops `dvc repro` with one line, and every
+earlier output stays. Then it writes data/inputs/source.json and data/inputs/weights.json,
+with the content hash of a local image folder or weights file: DVC tracks params, not the
+files that they name, so these make editing an image or swapping a weights file rerun what
+reads it, and nothing else. The stage runs every time (always_changed), but its outputs
+change only when the inputs do. Downloads (CIFAR, hub weights) are checked by their own md5.
+"""
+import hashlib
+import json
+from importlib.metadata import version
+from pathlib import Path
+
+from tqdm import tqdm
+
+from stages import outputs, params
+from stages.errors import run_stage
+
+OUT = Path("data/inputs")
+KNOWN_MODELS = Path(".dvc/tmp/known_models.json")  # model names already checked, per registry version
+
+
+def main():
+    p = params.load()
+    check_model(p.model)
+    outputs.write_json(OUT / "source.json", source_fingerprint(p.data))
+    outputs.write_json(OUT / "weights.json", weights_fingerprint(p.model, p.weights))
+
+
+def check_model(name: str) -> None:
+    """params.check_model_name imports the model registries (seconds); a name passes once per version."""
+    registries = f"torchvision {version('torchvision')}, timm {version('timm')}"
+    known = outputs.read_json(KNOWN_MODELS) if KNOWN_MODELS.exists() else {}
+    if name in known.get(registries, []):
+        return
+    params.check_model_name(name)
+    if KNOWN_MODELS.parent.parent.is_dir():
+        outputs.write_json(KNOWN_MODELS, {registries: sorted({*known.get(registries, []), name})})
+
+
+def source_fingerprint(data: params.DataParams) -> dict:
+    if data.source == "imagefolder":
+        return {"source": "imagefolder", "sha256": folder_sha256(Path(data.root))}
+    return {"source": data.source}  # CIFAR: torchvision checks the archive's md5; synthetic: generated
+
+
+def weights_fingerprint(model: str, weights: str) -> dict:
+    if weights == "none":
+        return {"weights": "none"}
+    if weights == "imagenet":  # downloads are checked against the hash in their file name
+        package = "timm" if model.startswith("timm/") else "torchvision"
+        return {"weights": "imagenet", "model": model, package: version(package)}
+    with open(weights, "rb") as file:
+        return {"weights": "file", "sha256": hashlib.file_digest(file, "sha256").hexdigest()}
+
+
+def folder_sha256(root: Path) -> str:
+    """Hash of every file's relative path and bytes under root/{train,val,test}."""
+    files = sorted(p for split in ("train", "val", "test") if (root / split).is_dir()
+                   for p in (root / split).rglob("*") if p.is_file())
+    digest = hashlib.sha256()
+    for path in tqdm(files, desc=f"hash {root}", unit="file", mininterval=2, disable=len(files) < 5000):
+        digest.update(json.dumps(str(path.relative_to(root))).encode())
+        digest.update(hashlib.sha256(path.read_bytes()).digest())
+    return digest.hexdigest()
+
+
+if __name__ == "__main__":
+    run_stage(main)

@@ -1,0 +1,45 @@
+"""Writing stage outputs: fresh folders, atomic JSON, and the note of a strategy not chosen.
+
+DVC links outputs into its cache (hardlinks: see .dvc/config), so a stage never writes into
+an existing output file: it removes the path first and writes a new file.
+"""
+import json
+import os
+import shutil
+from pathlib import Path
+
+
+def fresh_folder(folder: Path) -> Path:
+    """An empty folder at `folder`: whatever was there (files linked into DVC's cache) is unlinked."""
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    return folder
+
+
+def write_json(path: Path, content) -> None:
+    """Written beside, then renamed: readers never see half a file, and a cache link is replaced."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(content, indent=2) + "\n")
+    os.replace(partial, path)
+
+
+def read_json(path: Path):
+    return json.loads(path.read_text())
+
+
+def chosen_strategy(folder: Path, chosen: str, strategy: str) -> bool:
+    """Empties a strategy stage's output folder. When `strategy` is not the `chosen` one, leaves
+    only a small note there and returns False: DVC's run-cache keeps that variant's real outputs."""
+    fresh_folder(folder)
+    if chosen == strategy:
+        return True
+    write_json(folder / "skipped.json", {"skipped": f"strategy is {chosen}"})
+    return False
+
+
+def empty_live(live_dir: Path) -> None:
+    """What a training stage declares of DVCLive's files, for the strategy not chosen: no epochs."""
+    fresh_folder(live_dir)
+    (live_dir / "plots" / "metrics").mkdir(parents=True)
+    write_json(live_dir / "metrics.json", {})
