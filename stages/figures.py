@@ -44,23 +44,6 @@ def prediction_grid(images: np.ndarray, labels: np.ndarray, predicted: np.ndarra
     _save(fig, path)
 
 
-def study_bars(table, path: Path) -> None:
-    """Test accuracy per model and strategy, with the std over seeds and the study's numbers."""
-    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(table)), 4.5))
-    x = np.arange(len(table))
-    ax.bar(x, table["accuracy_mean"], yerr=table["accuracy_std"].fillna(0), capsize=4, label="this run")
-    published = table["published_accuracy"]
-    ax.scatter(x[published.notna()], published.dropna(), marker="_", s=900, color="black", zorder=3,
-               label="published study")
-    for i in np.flatnonzero(table["accuracy_mean"].isna().to_numpy()):
-        ax.text(x[i], 0.02, "failed", color="red", ha="center")
-    ax.set_xticks(x, [f"{m}\n{s}" for m, s in zip(table["model"], table["strategy"])])
-    ax.set(ylabel="test accuracy", ylim=(0, 1), title="Test accuracy by model and strategy")
-    ax.grid(axis="y", alpha=0.3)
-    ax.legend(loc="lower right")
-    _save(fig, path)
-
-
 def _save(fig, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()

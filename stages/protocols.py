@@ -35,6 +35,11 @@ def protocol_of(params: dict) -> str | None:
     return None
 
 
+def nearest(params: dict) -> str:
+    """The protocol that the fewest of `params` (nested) differ from."""
+    return min(PROTOCOLS, key=lambda name: len(differences(params, name)))
+
+
 def differences(params: dict, name: str) -> list[str]:
     """The keys of protocol `name` whose value in `params` differs."""
     return [key for key, value in PROTOCOLS[name].items() if not _same(lookup(params, key), value)]
@@ -47,22 +52,21 @@ def _same(a, b) -> bool:
 
 
 def flags(name: str) -> list[str]:
-    return [arg for key, value in overrides(name).items() for arg in ("-S", set_param(key, value))]
+    return [arg for key, value in overrides(name).items() for arg in ("-S", f"{key}={value_text(value)}")]
 
 
-def set_param(key: str, value) -> str:
-    """`key=value` as DVC's -S reads it back (Hydra's override grammar, then params.yaml).
+def value_text(value) -> str:
+    """A value as DVC's -S reads it back (Hydra's override grammar, then params.yaml).
 
     Strings are quoted, so that `a,b` stays one value and not a sweep, and `1e-3` or `null` stay
     strings; inside quotes a backslash is literal unless a quote or the end follows it."""
     if isinstance(value, str):
-        escaped = re.sub(r"(\\*)('|$)", lambda m: m[1] * 2 + ("\\'" if m[2] else ""), value)
-        return f"{key}='{escaped}'"
+        return "'" + re.sub(r"(\\*)('|$)", lambda m: m[1] * 2 + ("\\'" if m[2] else ""), value) + "'"
     if value is None or isinstance(value, bool):
-        return f"{key}={'null' if value is None else str(value).lower()}"
+        return "null" if value is None else str(value).lower()
     if isinstance(value, (int, float)):
-        return f"{key}={value!r}"
-    raise TypeError(f"{key}: only a string, number, boolean or null can be set, not {value!r}")
+        return repr(value)
+    raise TypeError(f"only a string, number, boolean or null can be set, not {value!r}")
 
 
 def main():

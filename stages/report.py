@@ -12,6 +12,7 @@ rows. Writes study/results.{md,csv} and study/accuracy.png.
 import argparse
 import json
 import subprocess
+import tempfile
 from collections import defaultdict
 from pathlib import Path
 
@@ -22,7 +23,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from stages.protocols import PROTOCOLS, PUBLISHED_PROTOCOL, protocol_of  # noqa: E402
+from stages.errors import UserError, run_stage  # noqa: E402
+from stages.protocols import PROTOCOLS, PUBLISHED_PROTOCOL, differences, nearest, protocol_of  # noqa: E402
 
 OUT = Path("study")
 METRICS = "metrics/metrics.json"
@@ -37,11 +39,16 @@ NOT_RUN = "not run: "  # starts the error of a run that never started: queued, r
 
 def dvc(*args: str, env: dict | None = None) -> str:
     """A DVC command's stdout; if it fails, one line that names the command and DVC's last words."""
-    result = subprocess.run(["dvc", *args], capture_output=True, text=True, env=env)
-    if result.returncode != 0:
-        last = (result.stderr.strip().splitlines() or ["no output"])[-1]
-        raise SystemExit(f"error: `dvc {' '.join(args)}` failed with exit code {result.returncode}: {last}")
-    return result.stdout
+    # Files, not pipes: the workers that `dvc queue start` leaves running inherit them, and reading
+    # a pipe to its end would wait for those workers to exit
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        code = subprocess.run(["dvc", *args], stdout=out, stderr=err, env=env).returncode
+        out.seek(0)
+        err.seek(0)
+        if code != 0:
+            last = (err.read().strip().splitlines() or ["no output"])[-1]
+            raise SystemExit(f"error: `dvc {' '.join(args)}` failed with exit code {code}: {last}")
+        return out.read()
 
 
 def exp_show() -> list[dict]:
@@ -174,11 +181,14 @@ def _differing(groups: list[dict]) -> list[str]:
 
 def _row(params: dict, runs: list[dict], differing: list[str]) -> dict:
     protocol = protocol_of(nest(params))
-    implied = PROTOCOLS[protocol] if protocol else {}  # the protocol's name stands for its keys
+    base = protocol or nearest(nest(params))
+    # The protocol's name stands for its keys; a custom row names those that differ from the nearest one
+    implied = set(PROTOCOLS[base]) - set(differences(nest(params), base))
     done = [r for r in runs if r["state"] == "success" and _metric(r, "test.accuracy") is not None]
     accuracies = [_metric(r, "test.accuracy") for r in done]
     number, note = published(params)
-    return {"model": params.get("model"), "strategy": params.get("strategy"), "protocol": protocol or "custom",
+    return {"model": params.get("model"), "strategy": params.get("strategy"),
+            "protocol": protocol or f"custom (near {base})",
             "settings": ", ".join(f"{k}={_text(params.get(k))}" for k in differing if k not in implied),
             "seeds": ",".join(str(s) for s in sorted(r["params"].get("seed") for r in runs)),
             "runs_ok": len(done),
@@ -286,20 +296,29 @@ def select(records: list[dict], models=None, strategies=None, seeds=None) -> lis
             and (seeds is None or r["params"].get("seed") in seeds)]
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose mistakes are UserErrors: one line, exit code 2, no usage."""
+
+    def error(self, message):
+        raise UserError(message)
+
+
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", help="comma-separated; default: all")
     parser.add_argument("--strategies", help="comma-separated; default: all")
     parser.add_argument("--seeds", help="comma-separated; default: all")
     args = parser.parse_args()
+    if args.seeds and not all(s.isdigit() for s in args.seeds.split(",")):
+        raise UserError(f"--seeds {args.seeds}: must be integers >= 0, comma-separated, e.g. 0,1,2")
     records = select(experiments(exp_show()), models=args.models and args.models.split(","),
                      strategies=args.strategies and args.strategies.split(","),
                      seeds=args.seeds and [int(s) for s in args.seeds.split(",")])
     if not records:
-        raise SystemExit("error: no DVC experiments match: run python -m stages.study first")
+        raise UserError("no DVC experiments match: run python -m stages.study first")
     write_report(results_table(records), records)
     print((OUT / "results.md").read_text())
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)

@@ -19,7 +19,6 @@ then writes study/; the command exits non-zero if an experiment failed. Paths gi
 made absolute, since queued experiments run in another folder.
 """
 import argparse
-import itertools
 import os
 import re
 import time
@@ -31,7 +30,7 @@ from hydra.errors import HydraException
 from tqdm import tqdm
 
 from stages import protocols, report
-from stages.params import UserError, run_stage
+from stages.errors import UserError, run_stage
 from stages.report import dvc, flat
 
 STRATEGIES = ("feature_extraction", "finetune")
@@ -41,13 +40,8 @@ POLL_SECONDS = 5
 STALL_POLLS = 24  # two minutes with no experiment alive and no state changing: the queue has stopped
 
 
-class OneLineParser(argparse.ArgumentParser):
-    def error(self, message):
-        raise UserError(message)
-
-
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = report.OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="alexnet,vgg16", help="comma-separated")
     parser.add_argument("--strategies", default=",".join(STRATEGIES), help="comma-separated")
     parser.add_argument("--seeds", default="0", help="comma-separated integers >= 0")
@@ -60,22 +54,22 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--shard", default="1/1", metavar="I/N",
                         help="run the I-th of N equal shares of the grid (each machine one share)")
     args = parser.parse_args(argv)
-    args.models = names("--models", args.models)
-    args.strategies = names("--strategies", args.strategies)
+    args.models = comma_list("--models", args.models)
+    args.strategies = comma_list("--strategies", args.strategies)
     unknown = [s for s in args.strategies if s not in STRATEGIES]
     if unknown:
         raise UserError(f"--strategies: unknown {', '.join(unknown)} (known: {', '.join(STRATEGIES)})")
-    seeds = names("--seeds", args.seeds)
+    seeds = comma_list("--seeds", args.seeds)
     if not all(s.isdigit() for s in seeds):
         raise UserError(f"--seeds {args.seeds}: must be integers >= 0, comma-separated, e.g. 0,1,2")
     args.seeds = [int(s) for s in seeds]
-    args.gpus = None if args.gpus is None else names("--gpus", args.gpus)
+    args.gpus = None if args.gpus is None else comma_list("--gpus", args.gpus)
     args.shard = parse_shard(args.shard)
     args.overrides = {**protocols.overrides(args.protocol), **parse_overrides(args.overrides)}
     return args
 
 
-def names(option: str, text: str) -> list[str]:
+def comma_list(option: str, text: str) -> list[str]:
     """A comma-separated list with no empty or repeated item."""
     items = [item.strip() for item in text.split(",")]
     if not all(items) or len(set(items)) != len(items):
@@ -157,7 +151,8 @@ def expected(cell: dict, workspace: dict) -> dict:
 def queue(todo: list[dict], args: argparse.Namespace, prefix: str) -> None:
     if len(todo) == len(args.models) * len(args.strategies) * len(args.seeds):
         # The whole grid: DVC's own sweep queues the product in one command, named prefix-1, prefix-2, ...
-        sweep = [f"{key}={','.join(protocols.set_param(key, v).partition('=')[2] for v in values)}"
+        # (prefix alone for a single cell)
+        sweep = [f"{key}={','.join(map(protocols.value_text, values))}"
                  for key, values in (("model", args.models), ("strategy", args.strategies), ("seed", args.seeds))]
         dvc("exp", "run", "--queue", "--name", prefix, *settings(args.overrides), *_flags(sweep))
         return
@@ -169,18 +164,18 @@ def queue(todo: list[dict], args: argparse.Namespace, prefix: str) -> None:
 
 
 def settings(overrides: dict) -> list[str]:
-    return _flags(protocols.set_param(key, value) for key, value in overrides.items())
+    return _flags(f"{key}={protocols.value_text(value)}" for key, value in overrides.items())
 
 
 def _flags(pairs) -> list[str]:
     return [arg for pair in pairs for arg in ("-S", pair)]
 
 
-def ours(records: list[dict], prefix: str, cells: list[dict], workspace: dict) -> list[str]:
-    """The names of the experiments this study waits for: those it queued, and those of its cells
-    that an earlier run of it left queued or running."""
+def ours(records: list[dict], prefix: str, pending: list[dict], workspace: dict) -> list[str]:
+    """The names of the experiments this study waits for: those it queued, and one for each pending
+    cell, which an earlier run of the study left queued or running."""
     names = {r["name"] for r in records if r["name"] == prefix or r["name"].startswith(prefix + "-")}
-    for cell in cells:
+    for cell in pending:
         waiting = [r for r in matching(cell, workspace, records) if r["state"] in ("queued", "running")]
         names.update(r["name"] for r in waiting[:1])
     return sorted(names)
@@ -192,6 +187,8 @@ def run_queue(names: list[str], gpus: list[str]) -> None:
     `dvc queue start -j k` starts the workers numbered 1..k that are not alive, each a daemon that
     inherits our environment and runs one experiment at a time. So worker k+1 starts, with its own
     CUDA_VISIBLE_DEVICES, only once k experiments run: then workers 1..k are alive and only it is new.
+    A worker stops after 10 s with nothing queued; until then one left by an earlier study keeps
+    that study's GPU, and this one counts it among its own.
     """
     workers, quiet, last = 0, 0, None
     with tqdm(total=len(names), desc="experiments", unit="exp") as bar:
@@ -226,7 +223,7 @@ def experiment_states(names: list[str]) -> dict[str, tuple]:
 
 
 def start_worker(gpu: str | None, number: int) -> None:
-    env = dict(os.environ) if gpu is None else {**os.environ, "CUDA_VISIBLE_DEVICES": gpu}
+    env = None if gpu is None else {**os.environ, "CUDA_VISIBLE_DEVICES": gpu}
     dvc("queue", "start", "--jobs", str(number), env=env)
 
 
@@ -268,7 +265,7 @@ def main():
     prefix = time.strftime("study-%Y%m%d-%H%M%S")  # names stay unique when the study runs again
     if todo:
         queue(todo, args, prefix)
-    names = ours(report.experiments(report.exp_show()), prefix, todo + pending, workspace)
+    names = ours(report.experiments(report.exp_show()), prefix, pending, workspace)
     if names:
         print(f"running on {', '.join(f'GPU {g}' for g in gpus) or 'one worker, no GPU'}")
         run_queue(names, gpus)

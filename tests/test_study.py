@@ -1,52 +1,256 @@
+"""The study: its grid, shards and flags, the like-for-like report, and DVC's queue end to end."""
 import json
+import subprocess
 import sys
+from pathlib import Path
 
 import pandas as pd
+import pytest
+import yaml
+from hydra.core.override_parser.overrides_parser import OverridesParser
 
-from stages import report
-from tests.conftest import run
+from stages import protocols, report, study
+from tests.conftest import REPO, run
 
-TINY = ["-S", "data.source=synthetic", "-S", "weights=none", "-S", "data.image_size=64",
-        "-S", "train_heads.epochs=2", "-S", "finetune.epochs=1"]
-
-
-def fake(model, strategy, seed, accuracy=None, error=None):
-    metrics = {} if accuracy is None else {"test": {"accuracy": accuracy, "images_per_s": 100.0},
-                                           "train": {"time_s": 2.0, "images_per_s": 50.0, "trainable_params": 10},
-                                           "run": {"device": "cpu (2 threads)"}}
-    params = {"model": model, "strategy": strategy, "seed": seed, "weights": "none",
-              "data": {"source": "synthetic", "root": "data/raw", "image_size": 64}}
-    return {"name": f"{model}-{strategy}-{seed}", "params": params, "metrics": metrics, "error": error}
+TINY = ["-S", "data.source=synthetic", "-S", "weights=none", "-S", "data.image_size=64", "-S", "train_heads.epochs=2",
+        "-S", "finetune.epochs=1", "-S", "data.synthetic.train_per_class=20", "-S", "data.synthetic.test_per_class=10"]
+DEFAULTS = yaml.safe_load((REPO / "params.yaml").read_text())
 
 
-def test_the_table_gives_mean_and_std_over_seeds_and_keeps_failures(tmp_path):
-    records = [fake("alexnet", "finetune", 0, 0.80), fake("alexnet", "finetune", 1, 0.90),
-               fake("vgg16", "feature_extraction", 0, error="error: out of memory")]
+def fake(model="alexnet", strategy="feature_extraction", seed=0, accuracy=None, error=None, state=None, **changes):
+    """A record as report.experiments gives it: params.yaml's defaults with dotted changes."""
+    params = report.nest({**report.flat(DEFAULTS), **changes, "model": model, "strategy": strategy, "seed": seed})
+    metrics = {} if accuracy is None else {
+        "test": {"accuracy": accuracy, "images_per_s": 100.0},
+        "train": {"time_s": 5.0, "images_per_s": 50.0, "trainable_params": 10},
+        "features": {"time_s": 10.0, "images_per_s": 200.0}, "total_time_s": 15.0,
+        "run": {"device": "cpu (2 threads)", "cuda_visible_devices": None}}
+    state = state or ("failed" if error else "success")
+    return {"name": f"{model}-{strategy}-{seed}-{len(changes)}", "state": state, "params": params,
+            "metrics": metrics, "error": error, "log": None}
+
+
+def row(table, **where) -> pd.Series:
+    chosen = table[(table[list(where)] == pd.Series(where)).all(axis=1)]
+    assert len(chosen) == 1, chosen
+    return chosen.iloc[0]
+
+
+def test_params_yaml_defaults_are_the_notebook_protocol():
+    assert protocols.protocol_of(DEFAULTS) == "notebook"
+
+
+def test_rows_group_by_every_param_but_the_seed_and_name_the_settings_that_differ(tmp_path):
+    records = [fake(seed=0, accuracy=0.80), fake(seed=1, accuracy=0.90),
+               fake(seed=0, accuracy=0.50, **{"features.batch_size": 64}),
+               fake("vgg16", seed=0, error="error: out of memory")]
     table = report.results_table(records)
-    row = table.set_index(["model", "strategy"]).loc[("alexnet", "finetune")]
-    assert row["seeds"] == "0,1" and abs(row["accuracy_mean"] - 0.85) < 1e-9
-    assert abs(row["accuracy_std"] - 0.0707107) < 1e-6 and row["published_accuracy"] == 0.8917
-    failed = table.set_index(["model", "strategy"]).loc[("vgg16", "feature_extraction")]
-    assert pd.isna(failed["accuracy_mean"]) and "out of memory" in failed["failed"]
+    assert len(table) == 3
+    same = row(table, model="alexnet", settings="features.batch_size=256")
+    assert same["seeds"] == "0,1" and abs(same["accuracy_mean"] - 0.85) < 1e-9
+    assert abs(same["accuracy_std"] - 0.0707107) < 1e-6 and same["published_accuracy"] == 0.8132
+    other = row(table, model="alexnet", settings="features.batch_size=64")
+    assert other["accuracy_mean"] == 0.5 and other["runs_ok"] == 1
+    failed = row(table, model="vgg16")
+    assert pd.isna(failed["accuracy_mean"]) and "out of memory" in failed["problems"]
     report.write_report(table, records, tmp_path)
     markdown = (tmp_path / "results.md").read_text()
+    assert "| settings" in markdown and "features.batch_size=64" in markdown
     assert "0.8500 ± 0.0707" in markdown and "| failed" in markdown and "device: cpu (2 threads)" in markdown
-    assert len(pd.read_csv(tmp_path / "results.csv")) == 2 and (tmp_path / "accuracy.png").stat().st_size > 10_000
+    assert len(pd.read_csv(tmp_path / "results.csv")) == 3 and (tmp_path / "accuracy.png").stat().st_size > 10_000
 
 
-def test_the_study_runs_the_grid_as_queued_dvc_experiments(dvc_project):
-    study = [sys.executable, "-m", "stages.study", "--models", "alexnet,resnet18,alexnot", *TINY]
-    result = run(*study, check=False)
-    assert result.returncode != 0 and "2 experiment(s) failed" in result.stderr
+def test_the_two_protocols_never_average_together_and_their_name_stands_for_their_keys(tmp_path):
+    readme = protocols.overrides("readme")
+    records = [fake(seed=0, accuracy=0.80), fake(seed=0, accuracy=0.60, **readme), fake(seed=1, accuracy=0.70, **readme)]
+    table = report.results_table(records)
+    assert sorted(table["protocol"]) == ["notebook", "readme"] and not table["settings"].any()
+    assert row(table, protocol="notebook")["accuracy_mean"] == 0.80
+    assert abs(row(table, protocol="readme")["accuracy_mean"] - 0.65) < 1e-9
+    custom = report.results_table(records + [fake(seed=0, accuracy=0.1, **{**readme, "train_heads.lr": 0.01})])
+    assert row(custom, protocol="custom (near readme)")["settings"] == "train_heads.lr=0.01"
+    report.write_report(table, records, tmp_path)
+    assert "| settings" not in (tmp_path / "results.md").read_text()
+
+
+@pytest.mark.parametrize("changes, expected", [
+    ({}, 0.8132),
+    (protocols.overrides("readme"), "protocol differs (readme)"),
+    ({"train_heads.lr": 0.01}, "protocol differs (custom)"),
+    ({"data.source": "synthetic"}, "data differs (synthetic)"),
+    ({"data.limit_per_class": 500}, "data differs (subset: limit_per_class 500)"),
+    ({"weights": "none"}, "weights differ (none)"),
+    ({"data.image_size": 64}, "image size differs (64 px)"),
+    ({"model": "resnet18"}, "not in the study"),
+])
+def test_the_published_number_stands_only_beside_a_like_for_like_row(changes, expected):
+    table = report.results_table([fake(accuracy=0.5, **{"model": "alexnet", **changes})])
+    number, note = table.iloc[0][["published_accuracy", "published_note"]]
+    if isinstance(expected, float):
+        assert number == expected and note == ""
+    else:
+        assert pd.isna(number) and note == expected
+
+
+def test_the_time_column_is_the_whole_cost_of_a_run(tmp_path):
+    records = [fake(accuracy=0.5)]
+    table = report.results_table(records)
+    assert table.iloc[0][["total_time_s", "features_time_s", "train_time_s"]].tolist() == [15.0, 10.0, 5.0]
+    report.write_report(table, records, tmp_path)
+    assert "15.0 (10.0 + 5.0)" in (tmp_path / "results.md").read_text()
+
+
+def exp_show_entry(name, state, seed, log=None, metrics=None, executor=True):
+    """One experiment of `dvc exp show --json`, shaped as DVC 3.67 writes it."""
+    params = report.nest({**report.flat(DEFAULTS), "seed": seed})
+    files = {"metrics/metrics.json": {"data": metrics}} if metrics else {
+        "metrics/metrics.json": {"error": {"type": "FileNotFoundError", "msg": "No such file"}}}
+    local = {"root": None, "log": log, "pid": 123 if log else None, "returncode": None, "task_id": "abc"}
+    return {"name": name, "revs": [{"rev": "0123456789", "name": name, "error": {"msg": "Experiment run failed",
+                                                                                   "type": ""} if state == "failed" else None,
+                                    "data": {"params": {"params.yaml": {"data": params}}, "metrics": files}}],
+            "executor": {"state": state, "name": "dvc-task", "local": local if log or state == "queued" else None}
+            if executor else None}
+
+
+def test_only_a_success_counts_as_done_and_a_failure_says_why_from_its_log(tmp_path):
+    log = tmp_path / "run.out"
+    log.write_text("Running stage 'evaluate':\nerror: model 'x' is not a torchvision classification model\n"
+                   "ERROR: failed to reproduce 'evaluate'\n")
+    shown = [{"rev": "workspace", "data": {"params": {"params.yaml": {"data": DEFAULTS}}}},
+             {"rev": "baseline", "experiments": [
+                 exp_show_entry("queued", "queued", 1), exp_show_entry("running", "running", 2, log=str(log)),
+                 exp_show_entry("failed", "failed", 3, log=str(log)), exp_show_entry("lost", "failed", 4),
+                 exp_show_entry("done", "success", 5, log=str(log), metrics={"test": {"accuracy": 0.5}}),
+                 exp_show_entry("cleared", "success", 6, metrics={"test": {"accuracy": 0.6}}, executor=False)]}]
+    records = {r["name"]: r for r in report.experiments(shown)}
+    assert {n: r["state"] for n, r in records.items()} == {
+        "queued": "queued", "running": "running", "failed": "failed", "lost": "failed", "done": "success",
+        "cleared": "success"}
+    assert records["queued"]["error"] == "not run: still queued" and records["running"]["error"] == "not run: still running"
+    assert records["failed"]["error"] == "error: model 'x' is not a torchvision classification model"
+    assert records["lost"]["error"].startswith("not run: failed before it started")
+    assert records["done"]["error"] is None and records["cleared"]["error"] is None
+    cells = [{"model": "alexnet", "strategy": "feature_extraction", "seed": s} for s in range(1, 8)]
+    done, pending, todo = study.plan(cells, report.workspace_params(shown), list(records.values()))
+    assert [c["seed"] for c in done] == [5, 6] and [c["seed"] for c in pending] == [1, 2]
+    assert [c["seed"] for c in todo] == [3, 4, 7]
+    table = report.results_table(list(records.values()))
+    assert table.iloc[0]["runs_ok"] == 2 and table.iloc[0]["failed"] == 1
+    assert "queued: not run: still queued" in table.iloc[0]["problems"]
+
+
+def test_a_set_param_reads_back_as_dvc_reads_it():
+    parser = OverridesParser.create()  # what `dvc exp run -S` parses with
+    for value in ["it's", "a\\b", "a\\", "a,b", "1e-3", "null", "\\'", "", "/tmp/x y", 1e-3, 1e-5, 3, None, True, 0.875]:
+        parsed = parser.parse_override(f"k={protocols.value_text(value)}").value()
+        assert parsed == value and type(parsed) is type(value)
+    overrides = study.parse_args(["-S", "train_heads.lr=1e-3", "--protocol", "readme", "-S", "finetune.epochs=2"]).overrides
+    assert overrides["train_heads.lr"] == 0.001 and isinstance(overrides["train_heads.lr"], float)
+    assert overrides["finetune.epochs"] == 2 and overrides["finetune.optimizer"] == "adam"  # -S wins over the protocol
+
+
+def test_the_shards_of_the_grid_cover_it_exactly_once():
+    cells = study.grid(["alexnet", "vgg16", "resnet18"], ["feature_extraction", "finetune"], [0, 1], {})
+    for count in (1, 2, 3, 5, 13):
+        shares = [study.shard(cells, i, count) for i in range(1, count + 1)]
+        together = [json.dumps(c, sort_keys=True) for share in shares for c in share]
+        assert sorted(together) == sorted(json.dumps(c, sort_keys=True) for c in cells)
+        assert max(map(len, shares)) - min(map(len, shares)) <= 1
+    assert study.shard(cells, 1, 2) != study.shard(cells, 2, 2)
+
+
+@pytest.mark.parametrize("argv", [["--strategies", "finetuning"], ["--models", "alexnet,,vgg16"], ["--seeds", "0,x"],
+                                  ["--shard", "3/2"], ["--shard", "half"], ["--protocol", "paper"],
+                                  ["-S", "seed=1"], ["-S", "train_heads.lr=1e-3,1e-4"], ["--gpus", "0,0"]])
+def test_a_cli_mistake_is_one_line_and_exit_code_2(argv):
+    result = subprocess.run([sys.executable, "-m", "stages.study", *argv], capture_output=True, text=True, cwd=REPO)
+    assert result.returncode == 2 and result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, result.stderr
+
+
+def test_a_worker_starts_per_gpu_once_the_ones_before_it_run_and_a_stalled_queue_stops(monkeypatch):
+    polls = iter([{"a": ("queued", None), "b": ("queued", None), "c": ("queued", None)},
+                  {"a": ("queued", None), "b": ("queued", None), "c": ("queued", None)},
+                  {"a": ("running", 1), "b": ("queued", None), "c": ("queued", None)},
+                  {"a": ("running", 1), "b": ("running", 2), "c": ("queued", None)},
+                  {"a": ("failed", 1), "b": ("running", 2), "c": ("running", 3)},
+                  {"a": ("failed", 1), "b": ("success", 2), "c": ("success", 3)}])
+    seen, started = [], []
+    monkeypatch.setattr(study, "experiment_states", lambda names: seen.append(1) or next(polls))
+    monkeypatch.setattr(study, "start_worker", lambda gpu, number: started.append((gpu, number, len(seen))))
+    monkeypatch.setattr(study, "POLL_SECONDS", 0)
+    study.run_queue(["a", "b", "c"], ["0", "1"])
+    assert started == [("0", 1, 1), ("1", 2, 3)]  # the second once the first runs an experiment
+
+    monkeypatch.setattr(study, "experiment_states", lambda names: {"a": ("queued", None), "b": ("running", 2 ** 22 + 1)})
+    with pytest.raises(SystemExit, match="the DVC queue stopped: 2 experiment"):
+        study.run_queue(["a", "b"], [])
+
+
+def shown_experiments() -> list[dict]:
+    return json.loads(run("dvc", "exp", "show", "--json").stdout)[1]["experiments"] or []
+
+
+def test_the_study_runs_the_grid_as_queued_dvc_experiments_one_per_gpu(dvc_project):
+    study_run = [sys.executable, "-m", "stages.study", "--models", "alexnet,alexnot", "--gpus", "0,1",
+                 "-S", "train_heads.lr=2e-3", *TINY]
+    result = run(*study_run, check=False)
+    assert result.returncode == 1 and "2 experiment(s) failed" in result.stderr, result.stderr
     table = pd.read_csv(dvc_project / "study/results.csv")
-    assert len(table) == 6 and table["accuracy_mean"].notna().sum() == 4
-    failed = table[table["model"] == "alexnot"]["failed"]
-    assert failed.str.contains("model is not a torchvision classification model").all()
+    assert len(table) == 4 and table["accuracy_mean"].notna().sum() == 2
+    assert table[table["model"] == "alexnot"]["problems"].str.contains("not a torchvision classification model").all()
     assert (dvc_project / "study/accuracy.png").stat().st_size > 10_000
-    shown = json.loads(run("dvc", "exp", "show", "--json").stdout)
-    names = [rev["name"] for b in shown for e in b["experiments"] or [] for rev in e["revs"]]
-    assert sum(name.startswith(("alexnet-", "resnet18-")) for name in names) == 4
+    experiments = shown_experiments()
+    succeeded = [e for e in experiments if not e["revs"][0]["error"]]
+    assert len(succeeded) == 2 and all(e["executor"] is None for e in succeeded)  # the queue's list cleared, not them
+    assert all(e["executor"]["state"] == "failed" for e in experiments if e["revs"][0]["error"])
+    for e in succeeded:
+        data = e["revs"][0]["data"]
+        lr = data["params"]["params.yaml"]["data"]["train_heads"]["lr"]
+        assert lr == 0.002 and isinstance(lr, float)
+        assert data["metrics"]["metrics/metrics.json"]["data"]["run"]["cuda_visible_devices"] in ("0", "1")
 
-    again = run(sys.executable, "-m", "stages.study", "--models", "alexnet,resnet18", *TINY)
-    assert "4 of 4 experiments already done; queueing 0" in again.stdout
+    again = run(*study_run[:4], "alexnet", *study_run[5:])
+    assert "2 of 2 experiments already done; queueing 0" in again.stdout
+    assert len(pd.read_csv(dvc_project / "study/results.csv")) == 2
+    run(sys.executable, "-m", "stages.report")
     assert len(pd.read_csv(dvc_project / "study/results.csv")) == 4
+
+    unknown = run(sys.executable, "-m", "stages.study", "-S", "train_heads.learning_rate=0.1", check=False)
+    assert unknown.returncode == 2 and unknown.stderr == "error: -S train_heads.learning_rate: no such key in params.yaml\n"
+
+
+FAKE_STAGE = '''import json, os, sys, time
+import yaml
+params = yaml.safe_load(open("params.yaml"))
+started = time.time()
+if params["model"] == "broken":
+    sys.exit("error: broken on purpose")
+time.sleep(4)
+os.makedirs("metrics", exist_ok=True)
+json.dump({"test": {"accuracy": 0.5}, "total_time_s": 4.0,
+           "run": {"cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"), "started": started,
+                   "ended": time.time()}}, open("metrics/metrics.json", "w"))
+'''
+
+
+def test_each_gpu_runs_one_experiment_at_a_time_two_gpus_two_at_once_under_a_protocol(dvc_project):
+    (dvc_project / "fake_stage.py").write_text(FAKE_STAGE)
+    (dvc_project / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"fake": {
+        "cmd": "python fake_stage.py", "deps": ["fake_stage.py"], "params": ["model", "strategy", "seed"],
+        "metrics": [{"metrics/metrics.json": {"cache": False}}]}}}))
+    run("git", "add", "-A")
+    run("git", "commit", "-qm", "a stage that sleeps")
+    result = run(sys.executable, "-m", "stages.study", "--models", "a,broken,b", "--strategies", "finetune",
+                 "--seeds", "0,1", "--gpus", "0,1", "--protocol", "readme", "-S", "train_heads.epochs=2", check=False)
+    assert result.returncode == 1 and "2 experiment(s) failed" in result.stderr, result.stderr
+    assert "broken on purpose" in Path("study/results.md").read_text()
+    data = [e["revs"][0]["data"] for e in shown_experiments() if not e["revs"][0]["error"]]
+    for params in (d["params"]["params.yaml"]["data"] for d in data):
+        assert protocols.differences(params, "readme") == ["train_heads.epochs"]  # -S wins over the protocol
+        assert params["train_heads"]["epochs"] == 2
+    runs = [d["metrics"]["metrics/metrics.json"]["data"]["run"] for d in data]
+    assert len(runs) == 4 and {r["cuda_visible_devices"] for r in runs} == {"0", "1"}
+    overlap = [(a, b) for i, a in enumerate(runs) for b in runs[i + 1:]
+               if a["started"] < b["ended"] and b["started"] < a["ended"]]
+    assert overlap and all(a["cuda_visible_devices"] != b["cuda_visible_devices"] for a, b in overlap)
