@@ -34,15 +34,18 @@ PUBLISHED = {("alexnet", "feature_extraction"): 0.8132, ("alexnet", "finetune"):
              ("vgg16", "feature_extraction"): 0.8196, ("vgg16", "finetune"): 0.9223}
 # A state is worth waiting for, done, or neither; success first when several runs share params.
 PREFERENCE = ("success", "running", "queued", "failed")
+EXP_SHOW_TIMEOUT_S = 60  # it takes seconds, a few tens under load
+EXP_SHOW_TRIES = 3
 NOT_RUN = "not run: "  # starts the error of a run that never started: queued, running, lost before its start
 
 
-def dvc(*args: str, env: dict | None = None) -> str:
-    """A DVC command's stdout; if it fails, one line that names the command and DVC's last words."""
+def dvc(*args: str, env: dict | None = None, timeout: float | None = None) -> str:
+    """A DVC command's stdout; if it fails, one line that names the command and DVC's last words.
+    Past the timeout, the command is killed and subprocess.TimeoutExpired raised."""
     # Files, not pipes: the workers that `dvc queue start` leaves running inherit them, and reading
     # a pipe to its end would wait for those workers to exit
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        code = subprocess.run(["dvc", *args], stdout=out, stderr=err, env=env).returncode
+        code = subprocess.run(["dvc", *args], stdout=out, stderr=err, env=env, timeout=timeout).returncode
         out.seek(0)
         err.seek(0)
         if code != 0:
@@ -52,7 +55,15 @@ def dvc(*args: str, env: dict | None = None) -> str:
 
 
 def exp_show() -> list[dict]:
-    return json.loads(dvc("exp", "show", "--json"))
+    """`dvc exp show --json`, asked again when it hangs: reading an experiment that finishes
+    meanwhile can block it for good (pygit2's blob reader waits on a thread that has died)."""
+    for _ in range(EXP_SHOW_TRIES):
+        try:
+            return json.loads(dvc("exp", "show", "--json", timeout=EXP_SHOW_TIMEOUT_S))
+        except subprocess.TimeoutExpired:
+            continue
+    raise SystemExit(f"error: `dvc exp show --json` did not finish in {EXP_SHOW_TIMEOUT_S} s, "
+                     f"{EXP_SHOW_TRIES} times over")
 
 
 def workspace_params(shown: list[dict]) -> dict:

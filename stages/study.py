@@ -193,18 +193,20 @@ def run_queue(names: list[str], gpus: list[str]) -> None:
     workers, quiet, last = 0, 0, None
     with tqdm(total=len(names), desc="experiments", unit="exp") as bar:
         while True:
-            states = experiment_states(names)
-            finished = sum(state in ("success", "failed", None) for state, _ in states.values())
+            states, pids = experiment_states(names)
+            finished = sum(state in ("success", "failed", None) for state in states.values())
             bar.update(finished - bar.n)
             if finished == len(names):
                 return
-            running = [pid for state, pid in states.values() if state == "running"]
-            queued = sum(state == "queued" for state, _ in states.values())
-            if queued and workers < max(1, len(gpus)) and len(running) >= workers:
+            running = sum(state == "running" for state in states.values())
+            queued = sum(state == "queued" for state in states.values())
+            if queued and workers < max(1, len(gpus)) and running >= workers:
                 start_worker(gpus[workers] if gpus else None, workers + 1)
                 workers += 1
-            snapshot = sorted(state for state, _ in states.values())
-            quiet = 0 if snapshot != last or any(map(alive, running)) else quiet + 1
+            # Progress: a state changed, or some experiment in the repository (ours or another's ahead
+            # of ours) still has a live process
+            snapshot = sorted(states.values(), key=str)
+            quiet = 0 if snapshot != last or any(map(alive, pids)) else quiet + 1
             if quiet >= STALL_POLLS:
                 raise SystemExit(f"error: the DVC queue stopped: {len(names) - finished} experiment(s) unfinished "
                                  f"and none running for {STALL_POLLS * POLL_SECONDS} s (did its workers die? see "
@@ -213,13 +215,16 @@ def run_queue(names: list[str], gpus: list[str]) -> None:
             time.sleep(POLL_SECONDS)
 
 
-def experiment_states(names: list[str]) -> dict[str, tuple]:
-    """{name: (state, pid of its run)} from `dvc exp show --json`; state None: the experiment is gone."""
-    shown = {}
+def experiment_states(names: list[str]) -> tuple[dict, list]:
+    """From `dvc exp show --json`: {name: state} of ours (None: gone), and the pid of every running
+    experiment's process (None while it sets up)."""
+    shown, pids = {}, []
     for experiment in (e for baseline in report.exp_show() for e in baseline.get("experiments") or []):
         executor = experiment.get("executor") or {"state": "success"}
-        shown[experiment.get("name")] = (executor["state"], (executor.get("local") or {}).get("pid"))
-    return {name: shown.get(name, (None, None)) for name in names}
+        shown[experiment.get("name")] = executor["state"]
+        if executor["state"] == "running":
+            pids.append((executor.get("local") or {}).get("pid"))
+    return {name: shown.get(name) for name in names}, pids
 
 
 def start_worker(gpu: str | None, number: int) -> None:

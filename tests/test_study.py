@@ -1,5 +1,6 @@
 """The study: its grid, shards and flags, the like-for-like report, and DVC's queue end to end."""
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -169,12 +170,12 @@ def test_a_cli_mistake_is_one_line_and_exit_code_2(argv):
 
 
 def test_a_worker_starts_per_gpu_once_the_ones_before_it_run_and_a_stalled_queue_stops(monkeypatch):
-    polls = iter([{"a": ("queued", None), "b": ("queued", None), "c": ("queued", None)},
-                  {"a": ("queued", None), "b": ("queued", None), "c": ("queued", None)},
-                  {"a": ("running", 1), "b": ("queued", None), "c": ("queued", None)},
-                  {"a": ("running", 1), "b": ("running", 2), "c": ("queued", None)},
-                  {"a": ("failed", 1), "b": ("running", 2), "c": ("running", 3)},
-                  {"a": ("failed", 1), "b": ("success", 2), "c": ("success", 3)}])
+    polls = iter([({"a": "queued", "b": "queued", "c": "queued"}, []),
+                  ({"a": "queued", "b": "queued", "c": "queued"}, []),
+                  ({"a": "running", "b": "queued", "c": "queued"}, [None]),
+                  ({"a": "running", "b": "running", "c": "queued"}, [None, None]),
+                  ({"a": "failed", "b": "running", "c": "running"}, [None, None]),
+                  ({"a": "failed", "b": "success", "c": "success"}, [])])
     seen, started = [], []
     monkeypatch.setattr(study, "experiment_states", lambda names: seen.append(1) or next(polls))
     monkeypatch.setattr(study, "start_worker", lambda gpu, number: started.append((gpu, number, len(seen))))
@@ -182,9 +183,29 @@ def test_a_worker_starts_per_gpu_once_the_ones_before_it_run_and_a_stalled_queue
     study.run_queue(["a", "b", "c"], ["0", "1"])
     assert started == [("0", 1, 1), ("1", 2, 3)]  # the second once the first runs an experiment
 
-    monkeypatch.setattr(study, "experiment_states", lambda names: {"a": ("queued", None), "b": ("running", 2 ** 22 + 1)})
+    dead = 2 ** 22 + 1  # above Linux's largest pid
+    monkeypatch.setattr(study, "experiment_states", lambda names: ({"a": "queued", "b": "running"}, [dead]))
     with pytest.raises(SystemExit, match="the DVC queue stopped: 2 experiment"):
         study.run_queue(["a", "b"], [])
+    polls = iter([({"a": "queued"}, [os.getpid()])] * study.STALL_POLLS + [({"a": "success"}, [])])
+    monkeypatch.setattr(study, "experiment_states", lambda names: next(polls))
+    study.run_queue(["a"], [])  # waits as long as another's experiment ahead of ours runs
+
+
+def test_a_hung_dvc_exp_show_is_asked_again_then_stops_with_one_line(monkeypatch):
+    answers = ["[]", None, None]  # popped from the end: two hangs, then an answer
+
+    def dvc(*args, timeout=None):
+        answer = answers.pop()
+        if answer is None:
+            raise subprocess.TimeoutExpired(["dvc", *args], timeout)
+        return answer
+
+    monkeypatch.setattr(report, "dvc", dvc)
+    assert report.exp_show() == [] and not answers
+    answers.extend([None] * 3)
+    with pytest.raises(SystemExit, match=r"^error: `dvc exp show --json` did not finish in 60 s, 3 times over$"):
+        report.exp_show()
 
 
 def shown_experiments() -> list[dict]:
