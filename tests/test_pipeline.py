@@ -191,3 +191,21 @@ def test_editing_an_image_in_a_local_folder_reruns_prepare_data(dvc_project):
     assert "prepare-data" not in ran_stages(run("dvc", "exp", "run", "prepare-data", *settings).stdout)
     Image.new("RGB", (16, 16), (0, 255, 0)).save(dvc_project / "images/train/cat/0.png")
     assert "prepare-data" in ran_stages(run("dvc", "exp", "run", "prepare-data", *settings).stdout)
+
+
+def test_finetune_under_torchrun_with_two_processes_resumes_after_kill_9(dvc_project):
+    set_params(dvc_project / "params.yaml", {**LEARNS, "strategy": "finetune", "finetune.processes": 2})
+    run("git", "commit", "-qam", "two processes")
+    process = subprocess.Popen(["dvc", "repro"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               start_new_session=True)
+    deadline = time.monotonic() + 300
+    while not list((dvc_project / ".checkpoints").rglob("last.pt")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    subprocess.run(["pkill", "-KILL", "-s", str(process.pid)])  # dvc, torchrun and both workers
+    process.wait()
+    resumed = run("dvc", "repro")
+    assert "torchrun --standalone --nproc_per_node=2 -m stages.finetune" in resumed.stdout
+    assert re.search(r"resuming from \.checkpoints/finetune/\w+/last.pt after epoch [12]", resumed.stdout + resumed.stderr)
+    ft = metrics(dvc_project)
+    assert ft["train"]["world_size"] == 2 and ft["train"]["epochs_run"] == 3
+    assert ft["test"]["accuracy"] > 2 * CHANCE
