@@ -120,7 +120,8 @@ def test_identical_runs_give_identical_outputs_and_a_kill_9_recovers(dvc_project
 
     stages = run("dvc", "stage", "list").stdout.strip().splitlines()
     assert len(stages) == 6 and all(len(line.split(None, 1)) == 2 for line in stages)  # each has a desc
-    run("dvc", "plots", "show", "-o", "dvc_plots")
+    shown = run("dvc", "plots", "show", "-o", "dvc_plots")
+    assert "failed to load" not in shown.stdout + shown.stderr
     html = (dvc_project / "dvc_plots/index.html").read_text()
     for png in ("confusion.png", "predictions.png"):
         assert len(re.findall(rf'<img[^>]*{png}', html)) == 1, png
