@@ -10,6 +10,7 @@ part of the head, and only the last Linear(4096, 1000) becomes Linear(4096, num_
 Any other model's last Linear layer is replaced and is the whole head.
 """
 import pickle
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -101,12 +102,13 @@ def load_tensors(path: Path):
     """torch.load with weights_only=True: tensors and plain values only, so a file from a shared
     remote can never run code here. Anything else, or a damaged file, is a one-line UserError."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns of pickle protocols it may not read: the error says it
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
-        if "Weights only load failed" in str(error):
-            raise UserError(f"{path} holds more than tensors and plain values, so it is not loaded "
-                            "(it could run code): save it with torch.save(model.state_dict(), path)") from None
-        raise UserError(f"{path} is not a file written by torch.save ({_first_line(error)})") from None
+        reason = str(error).partition("WeightsUnpickler error:")[2].strip() or str(error)
+        raise UserError(f"{path} is not a file of tensors and plain values, so it is not loaded (it could run "
+                        f"code; {_first_line(reason)}): write it with torch.save(model.state_dict(), path)") from None
     except (RuntimeError, EOFError, OSError, ValueError, AttributeError, IndexError) as error:
         raise UserError(f"{path} cannot be read ({error.__class__.__name__}: {_first_line(error)})") from None
 

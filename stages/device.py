@@ -1,8 +1,10 @@
-"""The device a stage runs on: choice, seeding, bf16 autocast, channels_last, torch.compile."""
+"""The device a stage runs on: choice, seeding, bf16 autocast, channels_last, torch.compile, and
+the process group when torchrun started the stage (one GPU per process; gloo on the CPU)."""
 import contextlib
 import os
 
 import torch
+import torch.distributed as dist
 
 from stages.errors import UserError
 
@@ -51,3 +53,29 @@ def describe(device: torch.device) -> str:
 
 def visible_gpus() -> str | None:
     return os.environ.get("CUDA_VISIBLE_DEVICES")
+
+
+def under_torchrun() -> bool:
+    return "LOCAL_RANK" in os.environ
+
+
+def setup_processes(device_param: str, seed: int) -> torch.device:
+    """setup(), and under torchrun the process group: NCCL with one GPU per process, or gloo on the CPU."""
+    device = setup(device_param, seed)
+    if not under_torchrun():
+        return device
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    else:  # the processes share the cores
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // dist.get_world_size()))
+    return device
+
+
+def is_main_process() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def rank_and_world() -> tuple[int, int]:
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)

@@ -56,7 +56,7 @@ def main():
         "test": {"accuracy": accuracy, "loss": loss, "images_per_s": round(len(labels) / seconds, 1),
                  "per_class_accuracy": per_class},
         "train": {key: training[key] for key in
-                  ("time_s", "images_per_s", "trainable_params", "best_epoch", "epochs_run")},
+                  ("time_s", "images_per_s", "trainable_params", "best_epoch", "epochs_run", "world_size")},
         "features": {"time_s": features["time_s"], "images_per_s": features.get("images_per_s", 0.0)},
         "total_time_s": round(features["time_s"] + training["time_s"], 2),
         "run": {"device": devices.describe(device), "cuda_visible_devices": devices.visible_gpus()},

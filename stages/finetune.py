@@ -1,6 +1,8 @@
 """finetune: the backbone's unfrozen blocks and its classifier, trained on images.
 
     python -m stages.finetune            # or: dvc repro finetune
+    # finetune.processes: 4 -> the stage relaunches itself as
+    #   torchrun --standalone --nproc_per_node=4 -m stages.finetune
 
 finetune.unfreeze: all trains every layer, as the study's notebook did; N trains the last N
 blocks. The unfrozen blocks learn at finetune.backbone_lr, the classifier at finetune.lr.
@@ -8,15 +10,22 @@ Images are flipped and cropped on the device at their stored size (if asked), th
 A checkpoint after every epoch, in .checkpoints/finetune/<fingerprint>/ (outside DVC's
 outputs, so that the stage stays in the run-cache), lets an interrupted run resume: rerun the
 stage and it goes on from the last complete epoch; it is deleted when the stage completes.
+Under torchrun (DistributedDataParallel), every process holds all the uint8 images on its
+device and draws the same seeded global batches; each trains on its share of every batch, so
+the global batch stays finetune.batch_size. Only rank 0 writes outputs and logs.
 Writes models/finetune/model.pt and DVCLive's record to live/finetune/.
 """
 import hashlib
 import json
+import os
 import shutil
+import sys
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 
 from stages import augment, backbones, data, device as devices, inputs, loop, outputs, params
 from stages.errors import run_stage
@@ -29,11 +38,14 @@ CHECKPOINTS = Path(".checkpoints/finetune")
 
 def main():
     p = params.load()
-    if not outputs.chosen_strategy(OUT, p.strategy, "finetune"):
+    cfg = p.finetune
+    if p.strategy == "finetune" and cfg.processes > 1 and not devices.under_torchrun():
+        relaunch_under_torchrun(cfg.processes)
+    device = devices.setup_processes(p.device, p.seed)
+    rank, world = devices.rank_and_world()
+    if rank == 0 and not outputs.chosen_strategy(OUT, p.strategy, "finetune"):
         outputs.empty_live(LIVE)
         return
-    device = devices.setup(p.device, p.seed)
-    cfg = p.finetune
     network = backbones.build(p.model, p.weights, data.num_classes(PREPARED), p.data.image_size)
     backbones.set_trainable(network, cfg.unfreeze)
     model = devices.place(network.model, device)
@@ -43,25 +55,51 @@ def main():
         groups.append({"params": body_params, "lr": cfg.backbone_lr})
     train_images, train_labels = (inputs.to_device(a, device) for a in data.load_split(PREPARED, "train"))
     val_images, val_labels = (inputs.to_device(a, device) for a in data.load_split(PREPARED, "val"))
-    fast_model = devices.maybe_compile(model, p.compile)
+    trained = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None) \
+        if world > 1 else model
+    fast_model = devices.maybe_compile(trained, p.compile)
 
     def train_batches(generator):
+        """The same global batches, flips and crops in every process; each keeps its share."""
         order = torch.randperm(len(train_labels), generator=generator, device=device)
         for index in order.split(cfg.batch_size):
+            if len(index) < world:
+                continue  # a last batch too small to give every process a row
             x = augment.augment(train_images[index], cfg.flip, cfg.crop_padding, generator)
-            yield inputs.model_input(x, network.preprocess, p.data.image_size, p.data.crop_pct), train_labels[index]
+            mine = torch.tensor_split(torch.arange(len(index), device=device), world)[rank]
+            yield inputs.model_input(x[mine], network.preprocess, p.data.image_size, p.data.crop_pct), \
+                train_labels[index[mine]]
 
     def validate():
-        batches = inputs.image_inputs(val_images, network.preprocess, p.data.image_size, p.data.crop_pct,
+        """Each process predicts its share of the val images; the sums are added up across them."""
+        mine = torch.arange(rank, len(val_labels), world, device=device)
+        batches = inputs.image_inputs(val_images[mine], network.preprocess, p.data.image_size, p.data.crop_pct,
                                       p.evaluate.batch_size, device)
-        return loop.loss_and_accuracy(loop.predict(fast_model, batches, device), val_labels)
+        logits = loop.predict(fast_model, batches, device)
+        labels = val_labels[mine].cpu()
+        loss_sum, correct, count = loop.summed_across_processes(
+            torch.nn.functional.cross_entropy(logits, labels, reduction="sum"),
+            (logits.argmax(1) == labels).sum(), len(labels))
+        return loss_sum / count, correct / count
 
     key = fingerprint(p)
     checkpoint = CHECKPOINTS / key[:16] / "last.pt"
     fitted = loop.fit(fast_model, groups, train_batches, len(train_labels), validate if len(val_labels) else None,
                       cfg, p.seed, device, LIVE, checkpoint, key, state_of=model)
-    loop.save_trained(OUT / "model.pt", fitted, "model")
-    shutil.rmtree(checkpoint.parent)
+    if rank == 0:
+        loop.save_trained(OUT / "model.pt", fitted, "model")
+        shutil.rmtree(checkpoint.parent)
+    if world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def relaunch_under_torchrun(processes: int) -> None:
+    """Replaces this process by torchrun, which starts `processes` copies of the stage."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
+               "-m", "stages.finetune"]
+    print(" ".join(["torchrun", *command[3:]]), flush=True)
+    os.execv(sys.executable, command)
 
 
 def fingerprint(p: params.Params) -> str:

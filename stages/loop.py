@@ -4,7 +4,9 @@ SGD (with momentum, optionally Nesterov), Adam or AdamW with one learning rate p
 group, an optional warm-up and cosine schedule per step, and either the best epoch by
 validation accuracy (with optional early stopping) or, without a validation split, the last
 epoch. DVCLive records every epoch. An optional checkpoint after every epoch lets an
-interrupted run resume exactly: each epoch seeds its own random numbers.
+interrupted run resume exactly: each epoch seeds its own random numbers. Under torchrun
+(finetune.processes > 1) the epoch's sums are added up across processes, and only rank 0
+writes DVCLive's files and the checkpoint.
 """
 import math
 import os
@@ -15,13 +17,14 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from dvclive import Live
 from torch import nn
 from tqdm import tqdm
 
 from stages.backbones import keep_frozen_norms_in_eval, load_tensors
-from stages.device import autocast
+from stages.device import autocast, is_main_process
 from stages.errors import UserError
 from stages.params import TrainParams
 
@@ -65,7 +68,7 @@ def fit(model: nn.Module, param_groups: list[dict], train_batches: Callable[[tor
         scheduler.load_state_dict(saved["scheduler"])
         history, best_acc, best_epoch, best_state = (saved[k] for k in ("history", "best_acc", "best_epoch", "best_state"))
         print(f"resuming from {checkpoint} after epoch {len(history)}")
-    live = Live(str(live_dir), save_dvc_exp=False, dvcyaml=None, report=None)
+    live = Live(str(live_dir), save_dvc_exp=False, dvcyaml=None, report=None) if is_main_process() else Silent()
     for record in history:  # the logs of a resumed run equal those of an uninterrupted one
         log_epoch(live, record, best_epoch)
     epochs = tqdm(range(len(history), cfg.epochs), desc="epochs", unit="epoch", initial=len(history), total=cfg.epochs)
@@ -88,7 +91,7 @@ def fit(model: nn.Module, param_groups: list[dict], train_batches: Callable[[tor
             best_acc, best_epoch = record.get("val_accuracy", -1.0), epoch + 1
             best_state = {k: v.detach().to("cpu", copy=True) for k, v in state_of.state_dict().items()}
         log_epoch(live, record, best_epoch)
-        if checkpoint:
+        if checkpoint and is_main_process():
             save_checkpoint(checkpoint, {
                 "fingerprint": fingerprint, "model": state_of.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "history": history, "best_acc": best_acc,
@@ -97,7 +100,8 @@ def fit(model: nn.Module, param_groups: list[dict], train_batches: Callable[[tor
     fitted = Fitted(best_state, best_epoch, history, train_time, n_train * len(history) / train_time)
     live.summary.update({"best_epoch": best_epoch, "epochs_run": len(history), "time_s": round(train_time, 2),
                          "images_per_s": round(fitted.images_per_s, 1),
-                         "trainable_params": sum(p.numel() for p in state_of.parameters() if p.requires_grad)})
+                         "trainable_params": sum(p.numel() for p in state_of.parameters() if p.requires_grad),
+                         "world_size": dist.get_world_size() if dist.is_initialized() else 1})
     live.end()
     return fitted
 
@@ -137,7 +141,27 @@ def train_one_epoch(model, optimizer, scheduler, batches: Batches, steps: int, d
         loss_sum += loss.detach() * len(y)  # summed on the device: no sync per step
         correct += (logits.argmax(1) == y).sum()
         seen += len(y)
-    return loss_sum.item() / seen, correct.item() / seen
+    loss_sum, correct, seen = summed_across_processes(loss_sum, correct.float(), float(seen))
+    return loss_sum / seen, correct / seen
+
+
+def summed_across_processes(*values) -> list[float]:
+    """The values added up over every torchrun process (as they are, with one process)."""
+    totals = torch.stack([torch.as_tensor(v, dtype=torch.float64) for v in values])
+    if dist.is_initialized():
+        totals = totals.to("cuda" if dist.get_backend() == "nccl" else "cpu")
+        dist.all_reduce(totals)
+    return totals.tolist()
+
+
+class Silent:
+    """Stands in for DVCLive on ranks other than 0: DVCLive's files are written by rank 0 only."""
+    def __init__(self):
+        self.summary = {}
+
+    def log_metric(self, *args, **kwargs): ...
+    def next_step(self): ...
+    def end(self): ...
 
 
 @torch.no_grad()

@@ -39,7 +39,11 @@ def chosen_strategy(folder: Path, chosen: str, strategy: str) -> bool:
 
 
 def empty_live(live_dir: Path) -> None:
-    """What a training stage declares of DVCLive's files, for the strategy not chosen: no epochs."""
+    """What a training stage declares of DVCLive's files, for the strategy not chosen: no epochs.
+    Header-only curves, so that `dvc plots` shows this stage's curves empty rather than failing."""
     fresh_folder(live_dir)
-    (live_dir / "plots" / "metrics").mkdir(parents=True)
+    curves = live_dir / "plots" / "metrics" / "train"
+    curves.mkdir(parents=True)
+    for metric in ("loss", "accuracy"):
+        (curves / f"{metric}.tsv").write_text(f"step\t{metric}\n")
     write_json(live_dir / "metrics.json", {})

@@ -122,9 +122,13 @@ class FinetuneParams(TrainParams):
     backbone_lr: float  # the unfrozen blocks' learning rate
     flip: bool  # random horizontal flips, on the device
     crop_padding: int  # random crops after padding by this many pixels; 0 turns them off
+    processes: int  # above 1: data-parallel under torchrun, one GPU each (gloo on the CPU)
 
     def __post_init__(self):
         super().__post_init__()
+        _require(self.processes >= 1, "finetune.processes", "must be at least 1", self.processes)
+        _require(self.batch_size >= self.processes, "finetune.batch_size",
+                 "must be at least finetune.processes (the global batch is split across them)", self.batch_size)
         _require(self.unfreeze == "all" or self.unfreeze >= 0, "finetune.unfreeze",
                  "must be a number of blocks >= 0, or 'all'", self.unfreeze)
         _require(self.backbone_lr > 0, "finetune.backbone_lr", "must be positive", self.backbone_lr)

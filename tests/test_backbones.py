@@ -1,9 +1,12 @@
+import pickle
+
 import pytest
 import torch
 from torch import nn
 
 from stages import backbones
-from stages.params import UserError
+from stages.errors import UserError
+from stages.inputs import Preprocess
 from tests.conftest import LITE0_WEIGHTS, needs_shared
 
 
@@ -28,7 +31,7 @@ def test_alexnet_is_the_studys_architecture_with_imagenet_weights(tmp_path, monk
     assert torch.equal(head[1].weight, reference.classifier[1].weight)  # FC6 keeps its ImageNet values
     assert torch.equal(head[4].weight, reference.classifier[4].weight)  # FC7 too
     assert torch.equal(network.body[0][0].weight, reference.features[0].weight)
-    assert network.preprocess == backbones.Preprocess((0.485, 0.456, 0.406), (0.229, 0.224, 0.225), "bilinear")
+    assert network.preprocess == Preprocess((0.485, 0.456, 0.406), (0.229, 0.224, 0.225), "bilinear")
     assert network.body(torch.zeros(2, 3, 224, 224)).shape == (2, 9216)
     assert len(network.blocks) == 5 and all(isinstance(b[0], nn.Conv2d) for b in network.blocks)
 
@@ -99,7 +102,57 @@ def test_frozen_batchnorm_keeps_its_statistics_in_train_mode():
 @needs_shared(LITE0_WEIGHTS)
 def test_timm_efficientnet_lite0_with_the_shared_imagenet_weights():
     network = backbones.build("timm/tf_efficientnet_lite0", str(LITE0_WEIGHTS), num_classes=10)
-    assert network.preprocess == backbones.Preprocess((0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "bicubic")
+    assert network.preprocess == Preprocess((0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "bicubic")
     assert len(network.blocks) == 7 and network.head.in_features == 1280
     saved = torch.load(LITE0_WEIGHTS, weights_only=True)
     assert torch.equal(network.body.conv_stem.weight, saved["conv_stem.weight"])
+
+
+@pytest.mark.parametrize("model", ["alexnet", "vgg16"])
+def test_feature_extraction_trains_only_the_last_linear_as_the_notebook_did(model):
+    network = backbones.build(model, "none", num_classes=10)
+    assert backbones.set_head_trainable(network, "last") == 4096 * 10 + 10  # 40,970
+    assert not network.head[0 if model == "vgg16" else 1].weight.requires_grad  # FC6 stays frozen
+    assert any(isinstance(m, nn.Dropout) for m in network.head)  # and its Dropout trains along
+    everything = sum(p.numel() for p in network.head.parameters())
+    assert backbones.set_head_trainable(network, "classifier") == everything
+
+
+def test_an_image_size_too_small_for_the_model_names_the_smallest_that_works():
+    with pytest.raises(UserError, match=r"data.image_size 32 is too small for alexnet: the smallest size that works is 63"):
+        backbones.build("alexnet", "none", num_classes=10, image_size=32)
+    assert backbones.build("alexnet", "none", num_classes=10, image_size=63).head[-1].out_features == 10
+
+
+class RunsCode:
+    """Unpickling this calls os.system: what a malicious file on a shared remote could do."""
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+        return os.system, (f"touch {self.marker}",)
+
+
+def write_malicious(path, marker):
+    path.write_bytes(pickle.dumps({"model": RunsCode(marker)}))
+    return path
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"\x00\x01 random bytes, not a checkpoint" * 10, "is not a file of tensors and plain values, so it is not"),
+    ("malicious", "is not a file of tensors and plain values, so it is not loaded .it could run code"),
+    ("a list", "is not a state_dict"),
+])
+def test_a_weights_file_that_is_not_a_state_dict_is_one_line_and_never_runs_code(tmp_path, content, message):
+    path, marker = tmp_path / "weights.pth", tmp_path / "code-ran"
+    if content == "malicious":
+        write_malicious(path, marker)
+    elif content == "a list":
+        torch.save([torch.zeros(1)], path)
+    else:
+        path.write_bytes(content)
+    with pytest.raises(UserError, match=message) as raised:
+        backbones.build("alexnet", str(path), num_classes=10)
+    assert str(path) in str(raised.value) and "\n" not in str(raised.value)
+    assert not marker.exists()

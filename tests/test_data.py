@@ -1,5 +1,4 @@
 import pickle
-import tarfile
 from urllib.error import URLError
 
 import numpy as np
@@ -7,7 +6,7 @@ import pytest
 from PIL import Image
 
 from stages import data, params, prepare_data
-from tests.conftest import CIFAR_JPEG, FAST, needs_shared, set_params
+from tests.conftest import CIFAR_JPEG, FAST, needs_shared, set_params, unpack_cifar_jpeg
 
 
 def data_params(project, **changes) -> params.DataParams:
@@ -16,9 +15,9 @@ def data_params(project, **changes) -> params.DataParams:
 
 
 def test_synthetic_source_is_seeded_balanced_and_split(project):
-    arrays, manifest = data.prepare(data_params(project), seed=0)
-    again, _ = data.prepare(data_params(project), seed=0)
-    other, _ = data.prepare(data_params(project), seed=1)
+    arrays, manifest = data.prepare(data_params(project, val_fraction=0.1))
+    again, _ = data.prepare(data_params(project, val_fraction=0.1))
+    other, _ = data.prepare(data_params(project, val_fraction=0.1, split_seed=1))
     assert all(np.array_equal(arrays[s][0], again[s][0]) for s in data.SPLITS)
     assert not np.array_equal(arrays["train"][0], other["train"][0])
     assert manifest["splits"]["train"]["count"] == 540 and manifest["splits"]["val"]["count"] == 60
@@ -29,7 +28,7 @@ def test_synthetic_source_is_seeded_balanced_and_split(project):
 
 def test_synthetic_classes_differ_but_overlap(project):
     """A nearest-class-mean classifier on raw pixels beats chance, but is far from perfect."""
-    arrays, _ = data.prepare(data_params(project), seed=0)
+    arrays, _ = data.prepare(data_params(project))
     (train, train_y), (test, test_y) = arrays["train"], arrays["test"]
     means = np.stack([train[train_y == c].reshape(-1, 32 * 32 * 3).mean(0) for c in range(10)])
     distances = ((test.reshape(len(test), -1)[:, None, :] - means[None]) ** 2).sum(-1)
@@ -76,7 +75,7 @@ def write_cifar_batches(folder, label_key, classes, per_batch=20):
 def test_cifar_batches_are_read_channel_last(project, source, folder, label_key, n_classes):
     classes = [f"c{i}" for i in range(n_classes)]
     first = write_cifar_batches(project / "data/raw" / folder, label_key, classes)
-    src = data.open_source(data_params(project, source=source), seed=0)
+    src = data.open_source(data_params(project, source=source))
     batch = pickle.loads(first.read_bytes())
     images, kept = src.splits["train"].load(np.arange(3))
     assert src.classes == classes and images.shape == (3, 32, 32, 3)
@@ -91,7 +90,7 @@ def test_cifar_offline_without_the_archive_says_where_to_put_it(project, monkeyp
         raise URLError("no network")
     monkeypatch.setattr("torchvision.datasets.utils.urllib.request.urlopen", offline)
     with pytest.raises(data.DataError, match=r"put it in data/raw/ .* data.source=imagefolder or synthetic"):
-        data.open_source(data_params(project, source="cifar10"), seed=0)
+        data.open_source(data_params(project, source="cifar10"))
 
 
 def write_image(path, size, color, fmt=None):
@@ -99,18 +98,22 @@ def write_image(path, size, color, fmt=None):
     Image.new("RGB" if fmt != "L" else "L", (size, size), color).save(path, format=None)
 
 
-def make_folder(root, splits=("train", "test"), per_class=4):
+def make_folder(root, splits=("train", "test"), per_class=4, sizes=(32, 48)):
     for split in splits:
         for c, color in (("cat", (200, 30, 30)), ("dog", (30, 30, 200))):
             for i in range(per_class):
                 ext = [".jpg", ".JPEG", ".png", ".Png"][i % 4]
-                write_image(root / split / c / f"{i}{ext}", 32 + 16 * (i % 2), color)
+                write_image(root / split / c / f"{i}{ext}", sizes[i % len(sizes)], color)
+
+
+def folder_params(project, **changes):
+    return data_params(project, source="imagefolder", root="images", stored_size=32, **changes)
 
 
 def test_imagefolder_reads_any_case_any_size_and_carves_val(project):
     make_folder(project / "images", per_class=10)
     (project / "images/train/cat/notes.txt").write_text("not an image")
-    arrays, manifest = data.prepare(data_params(project, source="imagefolder", root="images", val_fraction=0.2), 0)
+    arrays, manifest = data.prepare(folder_params(project, val_fraction=0.2))
     assert manifest["classes"] == ["cat", "dog"]
     assert {s: manifest["splits"][s]["count"] for s in data.SPLITS} == {"train": 16, "val": 4, "test": 20}
     images, labels = arrays["test"]
@@ -120,7 +123,7 @@ def test_imagefolder_reads_any_case_any_size_and_carves_val(project):
 
 def test_imagefolder_uses_its_own_val_split(project):
     make_folder(project / "images", splits=("train", "val", "test"))
-    _, manifest = data.prepare(data_params(project, source="imagefolder", root="images"), 0)
+    _, manifest = data.prepare(folder_params(project))
     assert {s: manifest["splits"][s]["count"] for s in data.SPLITS} == {"train": 8, "val": 8, "test": 8}
 
 
@@ -128,16 +131,16 @@ def test_imagefolder_splits_must_have_the_same_classes(project):
     make_folder(project / "images")
     write_image(project / "images/test/bird/0.png", 32, (0, 200, 0))
     with pytest.raises(data.DataError, match="has classes .*bird.*every split needs the same class folders"):
-        data.prepare(data_params(project, source="imagefolder", root="images"), 0)
+        data.prepare(folder_params(project))
 
 
 def test_an_unreadable_image_is_named_or_skipped_and_counted(project):
     make_folder(project / "images")
     (project / "images/train/dog/broken.jpg").write_bytes(b"not a jpeg")
     with pytest.raises(data.DataError, match=r"cannot read .*broken.jpg .*data.skip_unreadable: true"):
-        data.prepare(data_params(project, source="imagefolder", root="images"), 0)
-    _, manifest = data.prepare(data_params(project, source="imagefolder", root="images", skip_unreadable=True,
-                                                  val_fraction=0.25), 0)
+        data.prepare(folder_params(project))
+    _, manifest = data.prepare(folder_params(project, skip_unreadable=True,
+                                                  val_fraction=0.25))
     assert manifest["skipped_unreadable"] == {"train": 1, "test": 0}
     assert manifest["splits"]["train"]["count"] + manifest["splits"]["val"]["count"] == 8
 
@@ -145,15 +148,29 @@ def test_an_unreadable_image_is_named_or_skipped_and_counted(project):
 def test_an_empty_split_is_an_error(project):
     make_folder(project / "images", per_class=2)
     with pytest.raises(data.DataError, match="the val split is empty"):
-        data.prepare(data_params(project, source="imagefolder", root="images", val_fraction=0.1), 0)
+        data.prepare(folder_params(project, val_fraction=0.1))
+
+
+def test_a_folder_of_one_size_is_stored_at_that_size_and_mixed_sizes_need_the_param(project):
+    make_folder(project / "images", per_class=4, sizes=(64,))
+    arrays, manifest = data.prepare(data_params(project, source="imagefolder", root="images", val_fraction=0.25))
+    assert arrays["train"][0].shape[1:] == (64, 64, 3)
+    assert manifest["stored_size"] == {"side": 64, "chosen_by": "the image folder (all its images are this size)"}
+    make_folder(project / "mixed", per_class=4, sizes=(32, 48))
+    with pytest.raises(data.DataError, match=r"not all one square size \(32×32, 48×48\): set data.stored_size"):
+        data.prepare(data_params(project, source="imagefolder", root="mixed", val_fraction=0.25))
+
+
+def test_no_validation_split_with_val_fraction_zero(project):
+    arrays, manifest = data.prepare(data_params(project, val_fraction=0))
+    assert manifest["splits"]["val"]["count"] == 0 and manifest["splits"]["train"]["count"] == 600
+    assert arrays["val"][0].shape == (0, 32, 32, 3)
 
 
 @needs_shared(CIFAR_JPEG)
 def test_the_cifar10_jpeg_copy_as_an_image_folder(project, tmp_path):
-    with tarfile.open(CIFAR_JPEG) as archive:
-        members = [m for m in archive.getmembers() if m.isdir() or m.name.rsplit("/", 1)[-1] < "0030.jpg"]
-        archive.extractall(tmp_path / "cifar", members=members, filter="data")
-    _, manifest = data.prepare(data_params(project, source="imagefolder", root=str(tmp_path / "cifar"),
-                                           limit_per_class=20), seed=0)
+    root = unpack_cifar_jpeg(tmp_path, per_class=30)
+    _, manifest = data.prepare(data_params(project, source="imagefolder", root=str(root), limit_per_class=20,
+                                           val_fraction=0.1))
     assert manifest["classes"][:3] == ["airplane", "automobile", "bird"] and len(manifest["classes"]) == 10
     assert {s: manifest["splits"][s]["count"] for s in data.SPLITS} == {"train": 180, "val": 20, "test": 200}

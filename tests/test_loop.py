@@ -1,5 +1,6 @@
 import math
 
+import pytest
 import torch
 from torch import nn
 
@@ -8,8 +9,8 @@ from stages.params import TrainParams
 
 
 def cfg(**changes) -> TrainParams:
-    values = dict(epochs=6, batch_size=16, lr=0.05, weight_decay=0.0, schedule="constant", warmup_epochs=0,
-                  patience=None)
+    values = dict(optimizer="sgd", lr=0.05, momentum=0.9, nesterov=False, weight_decay=0.0, epochs=6,
+                  batch_size=16, schedule="constant", warmup_epochs=0, patience=None)
     return TrainParams(**{**values, **changes})
 
 
@@ -19,7 +20,7 @@ def test_warmup_then_cosine_per_step():
     assert loop.lr_factor(9, 4, 12, "constant") == 1.0
 
 
-def fit(tmp_path, config: TrainParams, val_accuracies=None):
+def fit(tmp_path, config: TrainParams, val_accuracies=None, validation=True, checkpoint=None):
     """A linear classifier on two separable blobs; `val_accuracies` replaces validation if given."""
     torch.manual_seed(0)
     x = torch.cat([torch.randn(64, 2) + 3, torch.randn(64, 2) - 3])
@@ -32,20 +33,52 @@ def fit(tmp_path, config: TrainParams, val_accuracies=None):
         return ((x[i], y[i]) for i in order.split(config.batch_size))
 
     def validate():
-        loss, accuracy = loop.loss_and_accuracy(loop.predict(model, [x], torch.device("cpu")), y)
+        loss, accuracy = loop.loss_and_accuracy(loop.predict(model, [(x, len(x))], torch.device("cpu")), y)
         return loss, next(scripted, accuracy)
 
-    return loop.fit(model, [{"params": model.parameters(), "lr": config.lr}], batches, len(y), validate,
-                    config, 0, torch.device("cpu"), tmp_path / "live")
+    return loop.fit(model, [{"params": model.parameters(), "lr": config.lr}], batches, len(y),
+                    validate if validation else None, config, 0, torch.device("cpu"), tmp_path / "live",
+                    checkpoint=checkpoint, fingerprint="test")
 
 
-def test_fit_learns_and_logs_every_epoch_with_dvclive(tmp_path):
-    fitted = fit(tmp_path, cfg(schedule="cosine", warmup_epochs=1))
+@pytest.mark.parametrize("optimizer", ["sgd", "adam", "adamw"])
+def test_fit_learns_with_each_optimizer_and_logs_every_epoch_with_dvclive(tmp_path, optimizer):
+    fitted = fit(tmp_path, cfg(optimizer=optimizer, schedule="cosine", warmup_epochs=1))
     assert len(fitted.history) == 6 and fitted.history[-1]["val_accuracy"] > 0.95
     assert (tmp_path / "live/plots/metrics/val/accuracy.tsv").read_text().count("\n") == 7  # header + 6
+    summary = loop_summary(tmp_path)
+    assert summary["epochs_run"] == 6 and summary["trainable_params"] == 6 and summary["time_s"] > 0
+
+
+def loop_summary(tmp_path):
+    import json
+    return json.loads((tmp_path / "live/metrics.json").read_text())
 
 
 def test_the_best_epoch_is_kept_and_patience_stops_early(tmp_path):
     fitted = fit(tmp_path, cfg(patience=2), val_accuracies=[0.5, 0.9, 0.8, 0.85, 0.95, 0.99])
-    assert fitted.best_epoch == 2 and len(fitted.history) == 4
-    assert fitted.best_state.keys() == {"weight", "bias"}
+    assert fitted.epoch == 2 and len(fitted.history) == 4
+    assert fitted.state.keys() == {"weight", "bias"}
+    assert loop_summary(tmp_path)["best_epoch"] == 2
+
+
+def test_without_validation_the_last_epoch_is_the_result(tmp_path):
+    fitted = fit(tmp_path, cfg(epochs=3), validation=False)
+    assert fitted.epoch == 3 and "val_accuracy" not in fitted.history[-1]
+    assert not (tmp_path / "live/plots/metrics/val").exists()
+    assert (tmp_path / "live/plots/metrics/train/accuracy.tsv").read_text().count("\n") == 4
+
+
+def test_a_corrupt_or_malicious_checkpoint_is_ignored_with_a_warning(tmp_path, capsys):
+    from tests.test_backbones import write_malicious
+    marker = tmp_path / "code-ran"
+    for name, write in (("truncated", lambda p: p.write_bytes(b"PK\x03\x04 truncated")),
+                        ("malicious", lambda p: write_malicious(p, marker))):
+        checkpoint = tmp_path / name / "last.pt"
+        checkpoint.parent.mkdir()
+        write(checkpoint)
+        fitted = fit(tmp_path / name, cfg(epochs=2), checkpoint=checkpoint)
+        assert len(fitted.history) == 2
+        warning = capsys.readouterr().err
+        assert f"warning: {checkpoint}" in warning and "training starts over" in warning
+    assert not marker.exists()

@@ -6,9 +6,13 @@ import subprocess
 import sys
 import time
 
+import pytest
 import yaml
 
-from tests.conftest import FAST, run, set_params, stage
+from stages import cache_features, evaluate, outputs
+from stages.errors import UserError
+from tests.conftest import FAST, LEARNS, run, set_params, stage
+from tests.test_backbones import write_malicious
 
 CHANCE = 0.1
 
@@ -21,81 +25,188 @@ def restored_stages(output: str) -> list[str]:
     return re.findall(r"Stage '([\w-]+)' is cached - skipping run", output)
 
 
+def metrics(project) -> dict:
+    return json.loads((project / "metrics/metrics.json").read_text())
+
+
+def output_hashes(project) -> dict:
+    """dvc.lock's hashes of data and model outputs (metrics and DVCLive's files carry timings)."""
+    lock = yaml.safe_load((project / "dvc.lock").read_text())
+    return {out["path"]: out["md5"] for s in lock["stages"].values() for out in s.get("outs", [])
+            if not out["path"].startswith(("metrics/", "live/", "plots/"))}
+
+
 def test_dvc_exp_run_prepare_data_on_the_synthetic_source(dvc_project):
-    result = run("dvc", "exp", "run", "prepare-data", "-S", "data.source=synthetic")
-    assert ran_stages(result.stdout) == ["check-params", "prepare-data"]
+    result = run("dvc", "exp", "run", "prepare-data", "-S", "data.source=synthetic", "-S", "data.val_fraction=0.1")
+    assert ran_stages(result.stdout) == ["check-inputs", "prepare-data"]
     manifest = json.loads((dvc_project / "data/prepared/manifest.json").read_text())
     assert [manifest["splits"][s]["count"] for s in ("train", "val", "test")] == [540, 60, 300]
 
 
 def test_a_bad_param_stops_dvc_before_any_output_is_removed(dvc_project):
     run("dvc", "exp", "run", "prepare-data", "-S", "data.source=synthetic")
-    result = run("dvc", "exp", "run", "prepare-data", "-S", "data.val_fraction=1.5", check=False)
-    assert result.returncode != 0 and "data.val_fraction must be in (0, 1)" in result.stderr + result.stdout
-    assert (dvc_project / "data/prepared/train_images.npy").exists()
-
-
-def metrics(project) -> dict:
-    return json.loads((project / "metrics/metrics.json").read_text())
+    for bad in ("data.val_fraction=1.5", "model=alexnot"):
+        result = run("dvc", "exp", "run", "prepare-data", "-S", bad, check=False)
+        assert result.returncode != 0 and "error: params.yaml: " in result.stderr + result.stdout
+        assert "Traceback" not in result.stderr + result.stdout
+        assert (dvc_project / "data/prepared/train_images.npy").exists()
 
 
 def test_feature_extraction_then_finetune_as_dvc_experiments(dvc_project):
-    set_params(dvc_project / "params.yaml", FAST)
+    set_params(dvc_project / "params.yaml", LEARNS)
     run("git", "commit", "-qam", "fast params")
     first = run("dvc", "repro")
-    assert ran_stages(first.stdout) == ["check-params", "prepare-data", "cache-features", "train-heads",
+    assert ran_stages(first.stdout) == ["check-inputs", "prepare-data", "cache-features", "train-heads",
                                         "finetune", "evaluate"]
     fe = metrics(dvc_project)
     assert fe["test"]["accuracy"] > 2 * CHANCE
     assert fe["cache_check"]["prediction_agreement"] >= 0.99 and fe["cache_check"]["max_logit_diff"] < 1e-2
+    assert fe["features"]["time_s"] > 0 and fe["total_time_s"] == round(fe["features"]["time_s"] + fe["train"]["time_s"], 2)
     assert (dvc_project / "plots/confusion.png").stat().st_size > 10_000
-    assert ran_stages(run("dvc", "repro").stdout) == []
+    assert ran_stages(run("dvc", "repro").stdout) == ["check-inputs"]  # it hashes the inputs; nothing changed
 
-    changed = run("dvc", "exp", "run", "-S", "train_heads.lr=0.0005")
-    assert ran_stages(changed.stdout) == ["check-params", "train-heads", "evaluate"]
+    other_seed = run("dvc", "exp", "run", "-S", "seed=1")  # same data, same feature cache
+    assert not {"prepare-data", "cache-features"} & set(ran_stages(other_seed.stdout))
+    assert "train-heads" in ran_stages(other_seed.stdout)
+    changed = run("dvc", "exp", "run", "-S", "seed=0", "-S", "train_heads.lr=0.0005")
+    assert ran_stages(changed.stdout) == ["check-inputs", "train-heads", "evaluate"]
 
     finetune = run("dvc", "exp", "run", "-S", "strategy=finetune", "-S", "train_heads.lr=0.0005")
     assert "prepare-data" not in ran_stages(finetune.stdout)
     lock = yaml.safe_load((dvc_project / "dvc.lock").read_text())
     features = next(o for o in lock["stages"]["cache-features"]["outs"] if o["path"] == "data/features")
-    assert features["nfiles"] == 1 and features["size"] < 1000  # only the "skipped" manifest
+    assert features["nfiles"] == 1 and features["size"] < 1000  # only the "skipped" note
     ft = metrics(dvc_project)
-    assert ft["test"]["accuracy"] > 2 * CHANCE and "cache_check" not in ft
+    assert ft["test"]["accuracy"] > 2 * CHANCE and "cache_check" not in ft and ft["features"]["time_s"] == 0
     assert ft["train"]["trainable_params"] > fe["train"]["trainable_params"]
+    assert not list((dvc_project / ".checkpoints").rglob("*.pt"))  # deleted once the stage completed
 
     back = run("dvc", "exp", "run", "-S", "strategy=feature_extraction", "-S", "train_heads.lr=0.0005")
     assert {"cache-features", "train-heads", "evaluate"} <= set(restored_stages(back.stdout))
     assert "cache-features" not in ran_stages(back.stdout) and "train-heads" not in ran_stages(back.stdout)
+
+    run("dvc", "exp", "run", "-S", "strategy=finetune", "-S", "seed=1")
+    again = run("dvc", "exp", "run", "-S", "strategy=finetune", "-S", "seed=0")
+    assert "finetune" in restored_stages(again.stdout) and "finetune" not in ran_stages(again.stdout)
+    assert metrics(dvc_project)["test"] == ft["test"] | {"images_per_s": metrics(dvc_project)["test"]["images_per_s"]}
+
     shown = json.loads(run("dvc", "exp", "show", "--json").stdout)
-    assert sum(len(e["revs"]) for baseline in shown for e in baseline["experiments"] or []) == 3
+    revs = [rev for baseline in shown for e in baseline["experiments"] or [] for rev in e["revs"]]
+    assert len(revs) == 6
+    live = [rev["data"]["metrics"]["live/finetune/metrics.json"]["data"] for rev in revs
+            if rev["data"]["params"]["params.yaml"]["data"]["strategy"] == "finetune"]  # DVCLive's record
+    assert len(live) == 3 and all({"train", "val", "best_epoch", "time_s"} <= set(r) for r in live)
+
+
+def test_identical_runs_give_identical_outputs_and_a_kill_9_recovers(dvc_project):
+    set_params(dvc_project / "params.yaml", {**FAST, "train_heads.epochs": 2, "finetune.epochs": 1})
+    features = dvc_project / "data/features"
+    run("git", "commit", "-qam", "fast params")
+    run("dvc", "repro")
+    first, first_metrics = output_hashes(dvc_project), metrics(dvc_project)
+    assert first_metrics["train"]["trainable_params"] == 40_970 and first_metrics["train"]["epochs_run"] == 2
+
+    # kill -9 the whole `dvc repro -f` once cache-features has emptied its folder, then run it again
+    process = subprocess.Popen(["dvc", "repro", "-f"], stdout=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while (features / "manifest.json").exists() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    subprocess.run(["pkill", "-KILL", "-s", str(process.pid)])
+    process.wait()
+    assert process.returncode == -signal.SIGKILL and not (features / "manifest.json").exists()
+    run("dvc", "repro")
+    assert output_hashes(dvc_project) == first  # byte-identical data and models
+    assert metrics(dvc_project)["test"]["accuracy"] == first_metrics["test"]["accuracy"]
+
+    stages = run("dvc", "stage", "list").stdout.strip().splitlines()
+    assert len(stages) == 6 and all(len(line.split(None, 1)) == 2 for line in stages)  # each has a desc
+    shown = run("dvc", "plots", "show", "-o", "dvc_plots")
+    assert "failed to load" not in shown.stdout + shown.stderr
+    html = (dvc_project / "dvc_plots/index.html").read_text()
+    for png in ("confusion.png", "predictions.png"):
+        assert len(re.findall(rf'<img[^>]*{png}', html)) == 1, png
 
 
 def test_an_interrupted_finetune_resumes_to_the_same_result(project):
-    set_params(project / "params.yaml", {**FAST, "strategy": "finetune", "finetune.epochs": 3})
-    stage("prepare_data")
-    stage("finetune")
-    stage("evaluate")
+    set_params(project / "params.yaml", {**LEARNS, "strategy": "finetune", "finetune.epochs": 3})
+    for name in ("check_inputs", "prepare_data", "cache_features", "finetune", "evaluate"):
+        stage(name)
     uninterrupted = metrics(project)["test"]
     del uninterrupted["images_per_s"]
+    assert not list((project / ".checkpoints").rglob("*.pt"))
 
-    checkpoint = project / "checkpoints/finetune/last.pt"
-    checkpoint.unlink()
     process = subprocess.Popen([sys.executable, "-m", "stages.finetune"], stderr=subprocess.DEVNULL)
-    while not checkpoint.exists() and process.poll() is None:
+    while not list((project / ".checkpoints").rglob("last.pt")) and process.poll() is None:
         time.sleep(0.05)
     process.send_signal(signal.SIGKILL)
     process.wait()
     assert process.returncode == -signal.SIGKILL and not (project / "models/finetune/model.pt").exists()
-    assert "resuming from checkpoints/finetune/last.pt after epoch" in stage("finetune").stdout
+    assert re.search(r"resuming from \.checkpoints/finetune/\w+/last.pt after epoch", stage("finetune").stdout)
     stage("evaluate")
     resumed = metrics(project)["test"]
     assert {k: resumed[k] for k in uninterrupted} == uninterrupted
 
 
 def test_cached_features_are_identical_across_runs_on_the_cpu(project):
-    set_params(project / "params.yaml", FAST)
+    set_params(project / "params.yaml", {**FAST, "features.flip": True})
     stage("prepare_data")
     stage("cache_features")
     first = (project / "data/features/train_flip.npy").read_bytes()
     stage("cache_features")
     assert (project / "data/features/train_flip.npy").read_bytes() == first
+
+
+def test_a_disk_too_small_for_the_feature_cache_is_one_line(project, monkeypatch):
+    set_params(project / "params.yaml", FAST)
+    stage("prepare_data")
+    monkeypatch.setattr(cache_features.shutil, "disk_usage", lambda path: type("Usage", (), {"free": 10**6}))
+    with pytest.raises(UserError, match=r"the feature cache needs 0.02 GB in data/features/, but only 0.00 GB is free"):
+        cache_features.main()
+    assert not (project / "data/features/train.npy").exists()
+
+
+@pytest.mark.parametrize("strategy", ["feature_extraction", "finetune"])
+def test_a_trained_model_that_could_run_code_is_refused(project, strategy):
+    set_params(project / "params.yaml", {**FAST, "strategy": strategy})
+    stage("prepare_data")
+    model_file = evaluate.TRAINED[strategy][0]
+    model_file.parent.mkdir(parents=True)
+    write_malicious(model_file, project / "code-ran")
+    result = stage("evaluate", check=False)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1
+    assert "is not a file of tensors and plain values, so it is not loaded" in result.stderr
+    assert not (project / "code-ran").exists()
+
+
+def test_editing_an_image_in_a_local_folder_reruns_prepare_data(dvc_project):
+    from PIL import Image
+    for split in ("train", "test"):
+        for label, colour in (("cat", (200, 30, 30)), ("dog", (30, 30, 200))):
+            (dvc_project / "images" / split / label).mkdir(parents=True)
+            for i in range(3):
+                Image.new("RGB", (16, 16), colour).save(dvc_project / "images" / split / label / f"{i}.png")
+    settings = ["-S", "data.source=imagefolder", "-S", f"data.root={dvc_project / 'images'}"]
+    first = run("dvc", "exp", "run", "prepare-data", *settings)
+    assert "prepare-data" in ran_stages(first.stdout)
+    assert outputs.read_json(dvc_project / "data/prepared/manifest.json")["stored_size"]["side"] == 16
+    assert "prepare-data" not in ran_stages(run("dvc", "exp", "run", "prepare-data", *settings).stdout)
+    Image.new("RGB", (16, 16), (0, 255, 0)).save(dvc_project / "images/train/cat/0.png")
+    assert "prepare-data" in ran_stages(run("dvc", "exp", "run", "prepare-data", *settings).stdout)
+
+
+def test_finetune_under_torchrun_with_two_processes_resumes_after_kill_9(dvc_project):
+    set_params(dvc_project / "params.yaml", {**LEARNS, "strategy": "finetune", "finetune.processes": 2})
+    run("git", "commit", "-qam", "two processes")
+    process = subprocess.Popen(["dvc", "repro"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               start_new_session=True)
+    deadline = time.monotonic() + 300
+    while not list((dvc_project / ".checkpoints").rglob("last.pt")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    subprocess.run(["pkill", "-KILL", "-s", str(process.pid)])  # dvc, torchrun and both workers
+    process.wait()
+    resumed = run("dvc", "repro")
+    assert "torchrun --standalone --nproc_per_node=2 -m stages.finetune" in resumed.stdout
+    assert re.search(r"resuming from \.checkpoints/finetune/\w+/last.pt after epoch [12]", resumed.stdout + resumed.stderr)
+    ft = metrics(dvc_project)
+    assert ft["train"]["world_size"] == 2 and ft["train"]["epochs_run"] == 3
+    assert ft["test"]["accuracy"] > 2 * CHANCE

@@ -1,0 +1,56 @@
+"""Each stage's code deps in dvc.yaml are exactly the project modules its command imports."""
+import ast
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def project_imports(module: str, root: Path = REPO) -> set[str]:
+    """The project modules (stages.*) that `module` imports, transitively, itself included, as paths."""
+    seen, todo = set(), [module]
+    while todo:
+        name = todo.pop()
+        path = root / (name.replace(".", "/") + ".py")
+        if name in seen or not path.exists():
+            continue
+        seen.add(name)
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("stages"):
+                todo.append(node.module)
+                todo.extend(f"{node.module}.{alias.name}" for alias in node.names)
+            elif isinstance(node, ast.Import):
+                todo.extend(alias.name for alias in node.names if alias.name.startswith("stages"))
+    return {name.replace(".", "/") + ".py" for name in seen}
+
+
+def dep_mismatches(dvc_yaml: dict, root: Path = REPO) -> list[str]:
+    problems = []
+    for name, stage in dvc_yaml["stages"].items():
+        module = stage["cmd"].split("python -m ", 1)[1].split()[0]
+        imported = project_imports(module, root)
+        listed = {dep for dep in stage.get("deps", []) if dep.startswith("stages/") and dep.endswith(".py")}
+        problems += [f"{name}: imports {path} but does not list it in deps" for path in sorted(imported - listed)]
+        problems += [f"{name}: lists {path} in deps but does not import it" for path in sorted(listed - imported)]
+    return problems
+
+
+def test_every_stage_depends_on_exactly_the_code_it_runs():
+    assert dep_mismatches(yaml.safe_load((REPO / "dvc.yaml").read_text())) == []
+
+
+def test_a_missing_or_extra_dep_is_named(tmp_path):
+    stages = tmp_path / "stages"
+    stages.mkdir()
+    (stages / "first.py").write_text("from stages import helper\nimport stages.other\n")
+    (stages / "helper.py").write_text("from stages.errors import UserError\n")
+    (stages / "other.py").write_text("")
+    (stages / "errors.py").write_text("")
+    (stages / "unused.py").write_text("")
+    dvc_yaml = {"stages": {"first": {"cmd": "python -m stages.first",
+                                     "deps": ["data/x", "stages/first.py", "stages/helper.py", "stages/unused.py"]}}}
+    assert dep_mismatches(dvc_yaml, tmp_path) == [
+        "first: imports stages/errors.py but does not list it in deps",
+        "first: imports stages/other.py but does not list it in deps",
+        "first: lists stages/unused.py in deps but does not import it"]

@@ -1,0 +1,93 @@
+import numpy as np
+import torch
+import torchvision
+from PIL import Image
+
+from stages import augment, inputs
+from tests.conftest import CIFAR_JPEG, needs_shared, unpack_cifar_jpeg
+
+PRE = inputs.Preprocess((0.5, 0.5, 0.5), (0.25, 0.25, 0.25), "bicubic")
+
+
+def test_model_input_resizes_and_normalises_on_the_device():
+    images = torch.full((3, 8, 8, 3), 255, dtype=torch.uint8)
+    images[:, :, :, 1] = 0
+    x = inputs.model_input(images, PRE, 20)
+    assert x.shape == (3, 3, 20, 20) and x.dtype == torch.float32
+    assert x.is_contiguous(memory_format=torch.channels_last)
+    assert torch.allclose(x[:, 0], torch.tensor(2.0)) and torch.allclose(x[:, 1], torch.tensor(-2.0))
+
+
+def test_crop_pct_resizes_then_takes_the_centre():
+    images = torch.zeros(1, 32, 32, 3, dtype=torch.uint8)
+    images[:, :, :4] = 255  # a bright band at the left edge: outside a 0.5 centre crop
+    plain = inputs.model_input(images, PRE, 64, crop_pct=1.0)
+    cropped = inputs.model_input(images, PRE, 64, crop_pct=0.5)
+    assert plain.shape == cropped.shape == (1, 3, 64, 64)
+    assert plain[0, 0, :, 0].max() > 1.5 and cropped[0, 0].max() < -1.9
+    assert inputs.resize_size(224, 0.875) == 256
+
+
+def torchvision_reference(pil_images):
+    """What the study's notebook fed AlexNet and VGG16: torchvision's weights.transforms() on PIL images."""
+    transforms = torchvision.models.AlexNet_Weights.IMAGENET1K_V1.transforms()  # Resize(256), CenterCrop(224)
+    preprocess = inputs.Preprocess(tuple(transforms.mean), tuple(transforms.std), transforms.interpolation.value)
+    reference = torch.stack([transforms(image) for image in pil_images])
+    batch = torch.from_numpy(np.stack([np.array(image) for image in pil_images]))
+    return inputs.model_input(batch, preprocess, 224, crop_pct=0.875), reference, min(transforms.std)
+
+
+def assert_matches_torchvision(pil_images):
+    ours, reference, std = torchvision_reference(pil_images)
+    assert ours.shape == reference.shape == (len(pil_images), 3, 224, 224)
+    difference = (ours - reference).abs()
+    one_level = 1 / 255 / std  # PIL rounds its resized image to uint8; we keep floats
+    assert difference.max() <= one_level + 1e-4 and difference.mean() < one_level / 2
+
+
+@needs_shared(CIFAR_JPEG)
+def test_resize_and_crop_match_torchvisions_weights_transforms_on_cifar_images(tmp_path):
+    root = unpack_cifar_jpeg(tmp_path, per_class=2)
+    paths = sorted(root.glob("test/*/*.jpg"))
+    assert len(paths) == 20
+    assert_matches_torchvision([Image.open(path).convert("RGB") for path in paths])
+
+
+def test_resize_and_crop_match_torchvisions_weights_transforms_on_generated_images():
+    rng = np.random.default_rng(0)
+    smooth = rng.integers(0, 256, (4, 4, 4, 3)).repeat(8, 1).repeat(8, 2).astype(np.uint8)
+    assert_matches_torchvision([Image.fromarray(image) for image in smooth])
+
+
+def test_a_padded_last_batch_gives_the_outputs_of_an_unpadded_one():
+    images = torch.randint(0, 256, (5, 8, 8, 3), dtype=torch.uint8)
+    batches = list(inputs.image_inputs(images, PRE, 16, 1.0, 4, torch.device("cpu")))
+    assert [(x.shape[0], count) for x, count in batches] == [(4, 4), (4, 1)]  # one shape for every batch
+    conv = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Flatten()).eval()
+    with torch.no_grad():
+        padded_last = conv(batches[1][0])[:1]
+        unpadded = conv(inputs.model_input(images[4:], PRE, 16))
+    assert torch.allclose(padded_last, unpadded, atol=1e-6)
+
+
+def test_image_inputs_batches_in_order_and_flips_on_request():
+    images = torch.randint(0, 256, (5, 4, 4, 3), dtype=torch.uint8)
+    cpu = torch.device("cpu")
+    plain = torch.cat([x[:n] for x, n in inputs.image_inputs(images, PRE, 4, 1.0, 2, cpu)])
+    flipped = torch.cat([x[:n] for x, n in inputs.image_inputs(images, PRE, 4, 1.0, 2, cpu, flip=True)])
+    assert plain.shape == (5, 3, 4, 4) and torch.equal(flipped, plain.flip(3))
+
+
+def test_augment_flips_and_crops_each_image_on_its_own():
+    images = torch.arange(4 * 6 * 6 * 3, dtype=torch.int64).remainder(256).to(torch.uint8).view(4, 6, 6, 3)
+    generator = torch.Generator().manual_seed(0)
+    flipped = augment.augment(images.repeat(16, 1, 1, 1), flip=True, crop_padding=0, generator=generator)
+    plain = images.permute(0, 3, 1, 2).float().div(255).repeat(16, 1, 1, 1)
+    is_flipped = (flipped == plain.flip(3)).flatten(1).all(1)
+    assert ((flipped == plain).flatten(1).all(1) | is_flipped).all() and 10 < is_flipped.sum() < 54
+    cropped = augment.augment(images.repeat(16, 1, 1, 1), flip=False, crop_padding=2, generator=generator)
+    assert cropped.shape == plain.shape
+    assert not torch.equal(cropped, plain)
+    centre = cropped[:, :, 2:4, 2:4]  # a shift of at most 2 px keeps some of the original values
+    assert torch.isin(centre, plain).all()
+
