@@ -45,7 +45,10 @@ def dvc(*args: str, env: dict | None = None, timeout: float | None = None) -> st
     # Files, not pipes: the workers that `dvc queue start` leaves running inherit them, and reading
     # a pipe to its end would wait for those workers to exit
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        code = subprocess.run(["dvc", *args], stdout=out, stderr=err, env=env, timeout=timeout).returncode
+        try:
+            code = subprocess.run(["dvc", *args], stdout=out, stderr=err, env=env, timeout=timeout).returncode
+        except FileNotFoundError:
+            raise UserError("dvc is not on PATH: run through ./venv.sh, or activate .venv first") from None
         out.seek(0)
         err.seek(0)
         if code != 0:
@@ -86,23 +89,24 @@ def _record(experiment: dict) -> dict:
     log = (executor.get("local") or {}).get("log")
     return {"name": experiment.get("name") or head.get("name") or head["rev"][:7], "state": executor["state"],
             "params": _file_data(data.get("params"), "params.yaml"), "metrics": _file_data(data.get("metrics"), METRICS),
-            "error": _error(executor, head, log), "log": log}
+            "error": _error(executor["state"], log, None if experiment.get("executor") else head.get("error")),
+            "log": log}
 
 
 def _file_data(files: dict | None, path: str) -> dict:
     return ((files or {}).get(path) or {}).get("data") or {}
 
 
-def _error(executor: dict, head: dict, log: str | None) -> str | None:
-    state = executor["state"]
+def _error(state: str, log: str | None, unreadable: dict | None) -> str | None:
+    """Why an experiment has no result; `unreadable`: DVC's error for a commit it could not read."""
     if state == "success":
         return None
     if state in ("queued", "running"):
         return f"{NOT_RUN}still {state}"
     if log and Path(log).is_file():
         return failure_line(Path(log))
-    if head.get("error") and "local" not in executor:
-        return head["error"].get("msg") or "failed"
+    if unreadable:
+        return unreadable.get("msg") or "failed"
     return f"{NOT_RUN}failed before it started, with no log (see .dvc/tmp/exps/celery/*.out)"
 
 

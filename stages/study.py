@@ -3,6 +3,7 @@
     python -m stages.study                                    # alexnet,vgg16 × both strategies, seed 0
     python -m stages.study --seeds 0,1,2 --protocol readme    # the README's protocol, mean ± std over 3 seeds
     python -m stages.study --gpus 0,1,2,3                     # up to four experiments at once, one per GPU
+    python -m stages.study --gpus 0+1,2+3 -S finetune.processes=2   # two GPUs for each fine-tune
     python -m stages.study --shard 1/2                        # this machine's half of the grid; another runs 2/2
     python -m stages.study --models timm/tf_efficientnet_lite0 -S data.source=imagefolder \\
         -S data.root=/path/to/images -S weights=/path/to/lite0.pth -S data.image_size=96
@@ -10,13 +11,14 @@
 Each cell is one experiment queued with `dvc exp run --queue`: the protocol's overrides
 (stages/protocols.yaml, default notebook), then the -S flags, which win, then the cell's model,
 strategy and seed. DVC runs each in its own temporary copy of the repository, sharing the cache
-and run-cache. One queue worker per GPU (`dvc queue start`, started with CUDA_VISIBLE_DEVICES set
-to its GPU) runs its experiments one after another, so no two share a GPU and the GPU never
-becomes a param; with no GPU, one worker. A cell whose params (the workspace's params.yaml with
-the cell's overrides) already have a successful experiment is not run again; one still queued or
-running is waited for. Every state comes from `dvc exp show --json`. The report (stages/report.py)
-then writes study/; the command exits non-zero if an experiment failed. Paths given with -S are
-made absolute, since queued experiments run in another folder.
+and run-cache. One queue worker per GPU (`dvc queue start`, started with CUDA_VISIBLE_DEVICES
+set to its GPU, or to its group of GPUs for a fine-tune under torchrun) runs its experiments one
+after another, so no two share a GPU and the GPU never becomes a param; with no GPU, one worker.
+A cell whose params (the workspace's params.yaml with the cell's overrides) already have a
+successful experiment is not run again; one still queued or running is waited for. Every state
+comes from `dvc exp show --json`. The report (stages/report.py) then writes study/; the command
+exits non-zero if an experiment failed. Paths given with -S are made absolute, since queued
+experiments run in another folder.
 """
 import argparse
 import os
@@ -49,8 +51,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="the override set of stages/protocols.yaml applied to every cell; -S wins over it")
     parser.add_argument("-S", "--set-param", dest="overrides", action="append", default=[],
                         metavar="KEY=VALUE", help="passed to every experiment, as dvc exp run -S reads it; repeatable")
-    parser.add_argument("--gpus", help="comma-separated GPU ids, one experiment on each at a time; "
-                                       "default: every visible GPU, or one experiment at a time with none")
+    parser.add_argument("--gpus", help="comma-separated GPU ids, one experiment on each at a time, or groups "
+                                       "such as 0+1,2+3 for a fine-tune with finetune.processes: 2; default: "
+                                       "every visible GPU (grouped so), or one experiment at a time with none")
     parser.add_argument("--shard", default="1/1", metavar="I/N",
                         help="run the I-th of N equal shares of the grid (each machine one share)")
     args = parser.parse_args(argv)
@@ -117,6 +120,22 @@ def grid(models: list[str], strategies: list[str], seeds: list[int], overrides: 
 def shard(cells: list[dict], index: int, count: int) -> list[dict]:
     """The index-th (from 1) of count shares: every count-th cell, so that shares differ by one at most."""
     return cells[index - 1::count]
+
+
+def gpu_groups(gpus: list[str] | None, processes: int) -> list[str]:
+    """One CUDA_VISIBLE_DEVICES per worker: a GPU, or as many GPUs as a fine-tune has processes."""
+    if gpus is None:
+        ids = visible_gpus()
+        return [",".join(ids[i:i + processes]) for i in range(0, len(ids) - processes + 1, processes)]
+    groups = [group.split("+") for group in gpus]
+    ids = [i for group in groups for i in group]
+    if not all(ids) or len(set(ids)) != len(ids):
+        raise UserError(f"--gpus {','.join(gpus)}: a GPU in two places, or an empty one")
+    short = [group for group in groups if len(group) < processes]
+    if short:
+        raise UserError(f"--gpus {'+'.join(short[0])}: finetune.processes is {processes}, so a fine-tune needs "
+                        f"{processes} GPUs: join them with +, e.g. --gpus {'+'.join(map(str, range(processes)))}")
+    return [",".join(group) for group in groups]
 
 
 def visible_gpus() -> list[str]:
@@ -255,13 +274,15 @@ def record_for(cell: dict, workspace: dict, records: list[dict]) -> dict:
 
 def main():
     args = parse_args()
-    gpus = visible_gpus() if args.gpus is None else args.gpus
     shown = report.exp_show()
     workspace = report.workspace_params(shown)
     unknown = [key for key in args.overrides if key not in flat(workspace)]
     if unknown:
         raise UserError(f"-S {unknown[0]}: no such key in params.yaml")
     cells = grid(args.models, args.strategies, args.seeds, args.overrides)
+    fine_tunes = "finetune" in args.strategies
+    processes = {**flat(workspace), **args.overrides}.get("finetune.processes", 1) if fine_tunes else 1
+    gpus = gpu_groups(args.gpus, processes)
     mine = shard(cells, *args.shard)
     done, pending, todo = plan(mine, workspace, report.experiments(shown))
     share = f"shard {args.shard[0]}/{args.shard[1]}: {len(mine)} of {len(cells)} cells; " if args.shard[1] > 1 else ""
@@ -272,7 +293,7 @@ def main():
         queue(todo, args, prefix)
     names = ours(report.experiments(report.exp_show()), prefix, pending, workspace)
     if names:
-        print(f"running on {', '.join(f'GPU {g}' for g in gpus) or 'one worker, no GPU'}")
+        print(f"running on {'; '.join(f'GPU {g}' for g in gpus) or 'one worker, no GPU'}")
         run_queue(names, gpus)
         dvc("queue", "remove", "--success")  # the experiments stay in `dvc exp show`; only the queue's list clears
 

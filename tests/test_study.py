@@ -11,6 +11,7 @@ import yaml
 from hydra.core.override_parser.overrides_parser import OverridesParser
 
 from stages import protocols, report, study
+from stages.errors import UserError
 from tests.conftest import REPO, run
 
 TINY = ["-S", "data.source=synthetic", "-S", "weights=none", "-S", "data.image_size=64", "-S", "train_heads.epochs=2",
@@ -167,6 +168,16 @@ def test_the_shards_of_the_grid_cover_it_exactly_once():
 def test_a_cli_mistake_is_one_line_and_exit_code_2(argv):
     result = subprocess.run([sys.executable, "-m", "stages.study", *argv], capture_output=True, text=True, cwd=REPO)
     assert result.returncode == 2 and result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, result.stderr
+
+
+def test_gpus_are_grouped_for_a_fine_tune_with_several_processes(monkeypatch):
+    monkeypatch.setattr(study, "visible_gpus", lambda: ["0", "1", "2", "3", "4"])
+    assert study.gpu_groups(None, 1) == ["0", "1", "2", "3", "4"]
+    assert study.gpu_groups(None, 2) == ["0,1", "2,3"]
+    assert study.gpu_groups(["0+1", "2+3"], 2) == ["0,1", "2,3"] and study.gpu_groups(["5", "7"], 1) == ["5", "7"]
+    for gpus in (["0", "1"], ["0+1", "1+2"], ["0+"]):
+        with pytest.raises(UserError):
+            study.gpu_groups(gpus, 2)
 
 
 def test_a_worker_starts_per_gpu_once_the_ones_before_it_run_and_a_stalled_queue_stops(monkeypatch):
