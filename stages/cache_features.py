@@ -80,36 +80,34 @@ def check_free_space(folder: Path, needed: int) -> None:
 
 @torch.no_grad()
 def write_features(body, batches, count: int, batch_size: int, dim: int, path: Path, device, desc: str) -> None:
-    """Streams fp16 features into a .npy file as they come. A writer thread copies each batch to
-    the file while the next one runs, and on the GPU the copy to (pinned) host memory is
-    asynchronous too: no synchronisation per batch. Memory does not grow with `count`."""
-    if count == 0:
-        np.save(path, np.zeros((0, dim), np.float16))
-        return
-    features = np.lib.format.open_memmap(path, mode="w+", dtype=np.float16, shape=(count, dim))
-    pending, start = deque(), 0
-    with ThreadPoolExecutor(1) as writer:
+    """Streams fp16 features into a .npy file as they come: its header, then each batch's rows in
+    order. On the GPU the copy to (pinned) host memory is asynchronous and a writer thread waits
+    for it and writes, so the GPU never waits for the disk; on the CPU each batch is written in
+    line, since a thread beside torch's own would take a core from them. Memory does not grow
+    with `count`."""
+    header = {"descr": np.dtype(np.float16).str, "fortran_order": False, "shape": (count, dim)}
+    pending = deque()
+    with open(path, "wb") as file, ThreadPoolExecutor(1) as writer:
+        np.lib.format.write_array_header_1_0(file, header)
         for x, rows in tqdm(batches, desc=desc, total=-(-count // batch_size), unit="batch", mininterval=2):
             with devices.autocast(device):
-                batch = body(x).flatten(1)[:rows].to(torch.float16)
+                batch = body(x).flatten(1)[:rows].to(torch.float16).contiguous()
+            if device.type != "cuda":
+                file.write(batch.numpy())
+                continue
             host = batch.to("cpu", non_blocking=True)
-            copied = None
-            if device.type == "cuda":
-                copied = torch.cuda.Event()
-                copied.record()
-            pending.append(writer.submit(store, features, start, host, copied))
-            start += rows
+            copied = torch.cuda.Event()
+            copied.record()
+            pending.append(writer.submit(store, file, host, copied))
             while len(pending) > IN_FLIGHT:
                 pending.popleft().result()
         for future in pending:
             future.result()
-    features.flush()
 
 
-def store(features: np.ndarray, start: int, batch: torch.Tensor, copied) -> None:
-    if copied is not None:
-        copied.synchronize()
-    features[start:start + len(batch)] = batch.numpy()
+def store(file, batch: torch.Tensor, copied) -> None:
+    copied.synchronize()
+    file.write(batch.numpy())
 
 
 if __name__ == "__main__":

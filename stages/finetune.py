@@ -88,7 +88,7 @@ def main():
                       cfg, p.seed, device, LIVE, checkpoint, key, state_of=model)
     if rank == 0:
         loop.save_trained(OUT / "model.pt", fitted, "model")
-        shutil.rmtree(checkpoint.parent)
+        shutil.rmtree(checkpoint.parent, ignore_errors=True)  # none was written if it ran one epoch
     if world > 1:
         dist.barrier()
         dist.destroy_process_group()

@@ -87,15 +87,19 @@ def fit(model: nn.Module, param_groups: list[dict], train_batches: Callable[[tor
             record["val_loss"], record["val_accuracy"] = validate()
             epochs.set_postfix(val_accuracy=f"{record['val_accuracy']:.4f}")
         history.append(record)
-        if not validate or record["val_accuracy"] > best_acc:
-            best_acc, best_epoch = record.get("val_accuracy", -1.0), epoch + 1
-            best_state = {k: v.detach().to("cpu", copy=True) for k, v in state_of.state_dict().items()}
+        if not validate:
+            best_epoch = epoch + 1  # the last epoch is the result: its state is copied once, after the loop
+        elif record["val_accuracy"] > best_acc:
+            best_acc, best_epoch = record["val_accuracy"], epoch + 1
+            best_state = host_copy(state_of)
         log_epoch(live, record, best_epoch)
-        if checkpoint and is_main_process():
+        if checkpoint and is_main_process() and epoch + 1 < cfg.epochs:  # after the last, the stage saves the model
             save_checkpoint(checkpoint, {
                 "fingerprint": fingerprint, "model": state_of.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "history": history, "best_acc": best_acc,
                 "best_epoch": best_epoch, "best_state": best_state})
+    if not validate:  # nothing trains after this: the tensors themselves, copied only off a GPU
+        best_state = {k: v.detach().cpu() for k, v in state_of.state_dict().items()}
     train_time = sum(r["seconds"] for r in history)
     fitted = Fitted(best_state, best_epoch, history, train_time, n_train * len(history) / train_time)
     live.summary.update({"best_epoch": best_epoch, "epochs_run": len(history), "time_s": round(train_time, 2),
@@ -104,6 +108,10 @@ def fit(model: nn.Module, param_groups: list[dict], train_batches: Callable[[tor
                          "world_size": dist.get_world_size() if dist.is_initialized() else 1})
     live.end()
     return fitted
+
+
+def host_copy(module: nn.Module) -> dict:
+    return {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
 
 
 def save_trained(path: Path, fitted: Fitted, state_key: str) -> None:
@@ -166,13 +174,14 @@ class Silent:
 
 @torch.no_grad()
 def predict(model: nn.Module, inputs: Iterable[tuple[torch.Tensor, int]], device: torch.device) -> torch.Tensor:
-    """float32 logits on the CPU, in the order of the inputs; each batch keeps its first `count` rows."""
+    """float32 logits on the CPU, in the order of the inputs; each batch keeps its first `count` rows.
+    They stay on the device until the end: one copy to the host, no synchronisation per batch."""
     model.eval()
     outputs = []
     for x, count in inputs:
         with autocast(device):
-            outputs.append(model(x)[:count].float().cpu())
-    return torch.cat(outputs)
+            outputs.append(model(x)[:count].float())
+    return torch.cat(outputs).cpu()
 
 
 def loss_and_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:

@@ -1,0 +1,320 @@
+"""Images/s of each stage's code path on this device, against a bare loop on the same tensors.
+
+    python -m benchmarks.stage_speed 2>/dev/null                  # --size small: CI-sized, CPU, 1.5–2 min
+    python -m benchmarks.stage_speed --size full 2>/dev/null      # GPU: alexnet, vgg16, lite0 at 224 px, bf16
+    python -m benchmarks.stage_speed --size full --models vgg16 --compile
+
+Random weights (throughput does not depend on their values) and N synthetic uint8 32×32
+images. The stages' own settings come from params.yaml: batch sizes, optimizers, crop_pct,
+finetune.unfreeze, train_heads.trainable. Each stage's functions are called as the stage calls
+them, on the N images:
+
+    cache-features  inputs.image_inputs + cache_features.write_features: host uint8 -> fp16 .npy
+    train-heads     loop.fit on train_heads.feature_batches of fp16 features on the device
+    finetune        loop.fit on finetune's batches (augment, model_input), with its checkpoints
+    evaluate        inputs.image_inputs + loop.predict: host uint8 -> logits on the host
+
+The training stages run 2 epochs per timed run, so that what loop.fit does between epochs (state
+copies, checkpoints, logs) counts as it does in a real run. The bare loop runs the same module on
+ready-made device tensors, with the same number of batches, batch size, optimizer, dtype and
+threads: a forward pass (cache-features, evaluate), or forward, backward and optimizer step
+(train-heads, finetune). Runs alternate; medians compared.
+
+Then feature extraction as a whole, over --epochs epochs, against the naive way of the study's
+notebook: a torch DataLoader with per-image PIL Resize(round(size / crop_pct)), CenterCrop,
+ToTensor and Normalize, the backbone run on every image in every epoch, the last Linear
+trained; ours caches the features once, then trains the head on them. Both use the same device,
+dtype, batch size and optimizer, and no torch.compile.
+"""
+import argparse
+import importlib.util
+import math
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+import types
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+
+
+class DroppedLive:
+    """dvclive.Live where DVCLive is not installed (a GPU machine with torch but no DVC): logs are dropped."""
+    def __init__(self, *args, **kwargs):
+        self.summary = {}
+
+    def log_metric(self, *args, **kwargs): ...
+    def next_step(self): ...
+    def end(self): ...
+
+
+if importlib.util.find_spec("dvclive") is None:
+    sys.modules["dvclive"] = types.SimpleNamespace(Live=DroppedLive)  # before stages.loop imports it
+
+from stages import augment, backbones, device as devices, inputs, loop, params  # noqa: E402
+from stages.cache_features import feature_dim, prepare_body, write_features  # noqa: E402
+from stages.train_heads import feature_batches, load_features  # noqa: E402
+
+SIZES = {"small": {"models": "alexnet", "image_size": 64, "images": 512},
+         "full": {"models": "alexnet,vgg16,timm/tf_efficientnet_lite0", "image_size": 224, "images": 20480}}
+TIMED_EPOCHS = 2  # of the training stages, per timed run
+READY_BATCHES = 4  # distinct ready-made batches that the bare loops cycle through
+NAIVE_WORKERS = 2  # DataLoader workers of the naive way on the GPU; on the CPU they would take the compute's cores
+
+
+@dataclass
+class Setup:
+    device: torch.device
+    image_size: int
+    crop_pct: float
+    compile: bool
+    batch_size: int | None  # None: each stage's own, from params.yaml
+    folder: Path  # scratch: feature files, DVCLive logs, checkpoints
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", choices=SIZES, default="small")
+    parser.add_argument("--models", help="comma-separated; default: alexnet (small), alexnet,vgg16,lite0 (full)")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--batch-size", type=int, help="for every stage; default: each stage's from params.yaml")
+    parser.add_argument("--compile", action="store_true", help="torch.compile, as compile: true does")
+    parser.add_argument("--images", type=int, help="N; default 512 (small), 20480 (full)")
+    parser.add_argument("--epochs", type=int, default=3, help="epochs of the naive-against-ours comparison")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs of each side, after a warm-up")
+    args = parser.parse_args()
+    size = SIZES[args.size]
+    p = params.load()
+    device = devices.setup(args.device)
+    n = args.images or size["images"]
+    images = torch.randint(0, 256, (n, 32, 32, 3), dtype=torch.uint8)
+    labels = torch.randint(0, 10, (n,))
+    dtype = "bf16 autocast" if device.type == "cuda" else "float32"
+    print(f"{devices.describe(device)}, {dtype}, {n} images of 32 px -> {size['image_size']} px "
+          f"(crop_pct {p.data.crop_pct}), compile {args.compile}")
+
+    rows, naive_rows = [], []
+    with tempfile.TemporaryDirectory() as folder:
+        s = Setup(device, size["image_size"], p.data.crop_pct, args.compile, args.batch_size, Path(folder))
+        for model in (args.models or size["models"]).split(","):
+            for stage, runs in (("cache-features", cache_features_runs), ("train-heads", train_heads_runs),
+                                ("finetune", finetune_runs), ("evaluate", evaluate_runs)):
+                ours, bare, passes = runs(backbones.build(model, "none", 10, s.image_size), images, labels, p, s)
+                ours_s, bare_s = compare(ours, bare, args.repeats, device)
+                rows.append((stage, model, passes * n / ours_s, passes * n / bare_s))
+                print_row(*rows[-1])
+            naive_s = naive_feature_extraction(backbones.build(model, "none", 10), images, labels, p, s, args.epochs)
+            ours_s = our_feature_extraction(backbones.build(model, "none", 10), images, labels, p, s, args.epochs)
+            naive_rows.append((model, naive_s, ours_s))
+    print_tables(rows, naive_rows, n, args.epochs)
+
+
+def batch_of(s: Setup, stage_batch_size: int) -> int:
+    return s.batch_size or stage_batch_size
+
+
+def cache_features_runs(network, images, labels, p, s):
+    batch = batch_of(s, p.features.batch_size)
+    body = devices.maybe_compile(prepare_body(network.body, s.device), s.compile)
+    dim = feature_dim(body, network.preprocess, s, s.device)
+    ready = ready_inputs(images, network.preprocess, s, batch)
+
+    def ours():
+        batches = inputs.image_inputs(images, network.preprocess, s.image_size, s.crop_pct, batch, s.device)
+        write_features(body, batches, len(images), batch, dim, s.folder / "features.npy", s.device, "cache")
+
+    return ours, lambda: bare_forward(body, ready, math.ceil(len(images) / batch), s.device), 1
+
+
+def train_heads_runs(network, images, labels, p, s):
+    cfg = replace(p.train_heads, epochs=TIMED_EPOCHS, batch_size=batch_of(s, p.train_heads.batch_size))
+    backbones.set_head_trainable(network, cfg.trainable)
+    head = network.head.to(s.device)
+    dim = next(m for m in head.modules() if isinstance(m, nn.Linear)).in_features
+    features = torch.rand(len(images), dim, device=s.device).half()  # what load_features puts on the device
+    targets = labels.to(s.device)
+    groups = [{"params": [t for t in head.parameters() if t.requires_grad], "lr": cfg.lr}]
+
+    def ours():
+        loop.fit(head, groups, lambda generator: feature_batches(features, None, targets, cfg.batch_size, generator),
+                 len(targets), None, cfg, p.seed, s.device, s.folder / "live")
+
+    ready = list(zip(features[:cfg.batch_size * READY_BATCHES].float().split(cfg.batch_size),
+                     targets[:cfg.batch_size * READY_BATCHES].split(cfg.batch_size)))
+    steps = TIMED_EPOCHS * math.ceil(len(images) / cfg.batch_size)
+    return ours, lambda: bare_training(head, groups, cfg, ready, steps, s.device), TIMED_EPOCHS
+
+
+def finetune_runs(network, images, labels, p, s):
+    cfg = replace(p.finetune, epochs=TIMED_EPOCHS, batch_size=batch_of(s, p.finetune.batch_size))
+    backbones.set_trainable(network, cfg.unfreeze)
+    model = devices.place(network.model, s.device)
+    body_params = [t for t in network.body.parameters() if t.requires_grad]
+    groups = [{"params": list(network.head.parameters()), "lr": cfg.lr}]
+    if body_params:
+        groups.append({"params": body_params, "lr": cfg.backbone_lr})
+    fast_model = devices.maybe_compile(model, s.compile)
+    train_images, train_labels = images.to(s.device), labels.to(s.device)
+    checkpoint = s.folder / "checkpoints" / "last.pt"
+
+    def train_batches(generator):  # finetune.main's, in one process
+        order = torch.randperm(len(train_labels), generator=generator, device=s.device)
+        for index in order.split(cfg.batch_size):
+            x = augment.augment(train_images[index], cfg.flip, cfg.crop_padding, generator)
+            yield inputs.model_input(x, network.preprocess, s.image_size, s.crop_pct), train_labels[index]
+
+    def ours():
+        loop.fit(fast_model, groups, train_batches, len(train_labels), None, cfg, p.seed, s.device,
+                 s.folder / "live", checkpoint, "benchmark", state_of=model)
+        shutil.rmtree(checkpoint.parent, ignore_errors=True)  # as the stage does at its end; else the next run resumes
+
+    ready = list(zip(ready_inputs(images, network.preprocess, s, cfg.batch_size),
+                     train_labels[:cfg.batch_size * READY_BATCHES].split(cfg.batch_size)))
+    steps = TIMED_EPOCHS * math.ceil(len(images) / cfg.batch_size)
+    return ours, lambda: bare_training(fast_model, groups, cfg, ready, steps, s.device), TIMED_EPOCHS
+
+
+def evaluate_runs(network, images, labels, p, s):
+    batch = batch_of(s, p.evaluate.batch_size)
+    model = devices.maybe_compile(devices.place(network.model, s.device), s.compile)
+    ready = ready_inputs(images, network.preprocess, s, batch)
+
+    def ours():
+        batches = inputs.image_inputs(images, network.preprocess, s.image_size, s.crop_pct, batch, s.device)
+        loop.predict(model, batches, s.device)
+
+    return ours, lambda: bare_forward(model.eval(), ready, math.ceil(len(images) / batch), s.device), 1
+
+
+def ready_inputs(images, preprocess, s: Setup, batch: int) -> list[torch.Tensor]:
+    """Model inputs made once, on the device: the bare loops' data."""
+    return [x for x, _ in inputs.image_inputs(images[:batch * READY_BATCHES], preprocess, s.image_size, s.crop_pct,
+                                              batch, s.device)]
+
+
+@torch.no_grad()
+def bare_forward(module, ready, steps, device) -> None:
+    for step in range(steps):
+        with devices.autocast(device):
+            module(ready[step % len(ready)])
+
+
+def bare_training(model, groups, cfg, ready, steps, device) -> None:
+    model.train()
+    backbones.keep_frozen_norms_in_eval(model)
+    optimizer = loop.make_optimizer(cfg, groups)
+    for step in range(steps):
+        x, y = ready[step % len(ready)]
+        with devices.autocast(device):
+            logits = model(x)
+        loss = F.cross_entropy(logits.float(), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+
+def compare(ours, bare, repeats: int, device) -> tuple[float, float]:
+    """Median seconds of each, alternating, after one warm-up run of each (cuDNN, torch.compile, caches)."""
+    timed(ours, device), timed(bare, device)
+    ours_s, bare_s = [], []
+    for _ in range(repeats):
+        ours_s.append(timed(ours, device))
+        bare_s.append(timed(bare, device))
+    return statistics.median(ours_s), statistics.median(bare_s)
+
+
+def timed(run, device) -> float:
+    started = time.perf_counter()
+    run()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - started
+
+
+class PILImages(torch.utils.data.Dataset):
+    """The notebook's data: one PIL image at a time through torchvision transforms."""
+    def __init__(self, images, labels, transform):
+        self.images, self.labels, self.transform = images.numpy(), labels, transform
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        return self.transform(Image.fromarray(self.images[i])), self.labels[i]
+
+
+def naive_feature_extraction(network, images, labels, p, s: Setup, epochs: int) -> float:
+    """Seconds for `epochs` epochs of the last Linear, the frozen backbone run on every image each time."""
+    from torchvision import transforms
+    cfg = replace(p.train_heads, batch_size=batch_of(s, p.train_heads.batch_size))
+    transform = transforms.Compose([transforms.Resize(round(s.image_size / s.crop_pct)),
+                                    transforms.CenterCrop(s.image_size), transforms.ToTensor(),
+                                    transforms.Normalize(network.preprocess.mean, network.preprocess.std)])
+    on_gpu = s.device.type == "cuda"
+    batches = torch.utils.data.DataLoader(PILImages(images, labels, transform), batch_size=cfg.batch_size,
+                                          shuffle=True, num_workers=NAIVE_WORKERS if on_gpu else 0)
+    network.body.requires_grad_(False)
+    backbones.set_head_trainable(network, "last")
+    model = devices.place(network.model, s.device)
+    started = time.perf_counter()
+    optimizer = loop.make_optimizer(cfg, [{"params": [t for t in model.parameters() if t.requires_grad],
+                                           "lr": cfg.lr}])
+    for _ in range(epochs):
+        model.train()
+        backbones.keep_frozen_norms_in_eval(model)
+        for x, y in batches:
+            x, y = x.to(s.device), y.to(s.device)
+            with devices.autocast(s.device):
+                logits = model(x)
+            loss = F.cross_entropy(logits.float(), y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+    if on_gpu:
+        torch.cuda.synchronize()
+    return time.perf_counter() - started
+
+
+def our_feature_extraction(network, images, labels, p, s: Setup, epochs: int) -> float:
+    """Seconds for cache-features once (to an .npy), then train-heads' `epochs` epochs on the file's features."""
+    cfg = replace(p.train_heads, epochs=epochs, batch_size=batch_of(s, p.train_heads.batch_size))
+    batch, path = batch_of(s, p.features.batch_size), s.folder / "train.npy"
+    started = time.perf_counter()
+    body = prepare_body(network.body, s.device)
+    dim = feature_dim(body, network.preprocess, s, s.device)
+    batches = inputs.image_inputs(images, network.preprocess, s.image_size, s.crop_pct, batch, s.device)
+    write_features(body, batches, len(images), batch, dim, path, s.device, "cache")
+    features, targets = load_features(path, s.device), labels.to(s.device)
+    backbones.set_head_trainable(network, "last")
+    head = network.head.to(s.device)
+    groups = [{"params": [t for t in head.parameters() if t.requires_grad], "lr": cfg.lr}]
+    loop.fit(head, groups, lambda generator: feature_batches(features, None, targets, cfg.batch_size, generator),
+             len(targets), None, cfg, p.seed, s.device, s.folder / "live")
+    if s.device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - started
+
+
+def print_row(stage, model, ours, bare) -> None:
+    print(f"  {stage}, {model}: {ours:.1f} images/s ours, {bare:.1f} bare, ratio {ours / bare:.3f}", flush=True)
+
+
+def print_tables(rows, naive_rows, n: int, epochs: int) -> None:
+    print(f"\n| stage | model | images/s ours | images/s bare | ratio |\n|---|---|---:|---:|---:|")
+    for stage, model, ours, bare in rows:
+        print(f"| {stage} | {model} | {ours:.1f} | {bare:.1f} | {ours / bare:.3f} |")
+    print(f"\nFeature extraction, {n} images, {epochs} epochs of the head:\n"
+          f"| model | naive s (backbone every epoch, PIL DataLoader) | ours s (cache once + head) | speed-up |\n"
+          f"|---|---:|---:|---:|")
+    for model, naive_s, ours_s in naive_rows:
+        print(f"| {model} | {naive_s:.2f} | {ours_s:.2f} | {naive_s / ours_s:.1f}x |")
+
+
+if __name__ == "__main__":
+    main()
