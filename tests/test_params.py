@@ -1,4 +1,6 @@
 import re
+import subprocess
+import sys
 
 import pytest
 import yaml
@@ -35,8 +37,6 @@ def test_loading_imports_no_model_registry_and_is_quick():
 
 
 def stage_in_fresh_python(code: str) -> str:
-    import subprocess
-    import sys
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
 
 
