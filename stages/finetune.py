@@ -28,7 +28,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from stages import augment, backbones, data, device as devices, inputs, loop, outputs, params
-from stages.errors import run_stage
+from stages.errors import UserError, run_stage
 
 PREPARED = Path("data/prepared")
 OUT = Path("models/finetune")
@@ -55,6 +55,9 @@ def main():
         groups.append({"params": body_params, "lr": cfg.backbone_lr})
     train_images, train_labels = (inputs.to_device(a, device) for a in data.load_split(PREPARED, "train"))
     val_images, val_labels = (inputs.to_device(a, device) for a in data.load_split(PREPARED, "val"))
+    if cfg.crop_padding >= train_images.shape[1]:  # an image folder's size is known only now
+        raise UserError(f"params.yaml: finetune.crop_padding must be below the stored image size, "
+                        f"{train_images.shape[1]} px (got {cfg.crop_padding})")
     trained = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None) \
         if world > 1 else model
     fast_model = devices.maybe_compile(trained, p.compile)

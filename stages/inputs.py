@@ -7,6 +7,7 @@ torchvision's Resize(256) + CenterCrop(224) is crop_pct 0.875 at 224 px. No per-
 transforms, no DataLoader workers. Every batch has the same shape (the last one is padded),
 so cuDNN tunes once per stage.
 """
+import functools
 import math
 from dataclasses import dataclass
 from typing import Iterator
@@ -28,23 +29,47 @@ def resize_size(size: int, crop_pct: float) -> int:
 
 
 def model_input(images: torch.Tensor, preprocess: Preprocess, size: int, crop_pct: float = 1.0) -> torch.Tensor:
-    """uint8 N×H×W×3 (or float N×3×H×W in [0, 1]) -> normalised float N×3×size×size, channels_last."""
-    if images.dtype == torch.uint8:  # contiguous NCHW: interpolate is 3x slower on the CPU otherwise
-        images = images.permute(0, 3, 1, 2).contiguous().float().div_(255)
-    x = images
+    """uint8 N×H×W×3 -> normalised float N×3×size×size, channels_last.
+
+    Resizing is linear and separable, and so are the center crop and the per-channel normalisation:
+    together they are one matrix per axis, applied as two matrix products straight from the uint8
+    layout into channels_last. That is 4x faster than interpolate-crop-normalise on the CPU, and on
+    the GPU it is two small GEMMs, with the same values up to float rounding (tests/test_inputs.py).
+    """
+    n, h, w, channels = images.shape
+    rows, columns, shift, low, high = resize_maps(preprocess, h, w, size, crop_pct, images.device)
+    x = torch.addmm(shift, images.reshape(n * h, w * channels).float(), columns)  # (N·H) × (size·3)
+    x = torch.matmul(rows, x.view(n, h, size * channels)).view(n, size, size, channels)
+    if preprocess.interpolation == "bicubic":
+        x = x.clamp_(low, high)  # bicubic overshoots; PIL clamps too (at 0 and 255, here normalised)
+    return x.permute(0, 3, 1, 2)
+
+
+@functools.lru_cache(maxsize=16)
+def resize_maps(preprocess: Preprocess, height: int, width: int, size: int, crop_pct: float, device: torch.device):
+    """The matrices and vectors of model_input for one input shape: the rows' resize-and-crop
+    (size × H), the columns' with the normalisation's scale folded in ((W·3) × (size·3)), the
+    normalisation's shift per output column, and the normalised values of 0 and 255 per channel."""
     side = resize_size(size, crop_pct)
-    if x.shape[-2:] != (side, side):
-        downsampling = x.shape[-1] > side
-        x = F.interpolate(x, size=(side, side), mode=preprocess.interpolation, antialias=downsampling,
-                          **({} if preprocess.interpolation == "nearest" else {"align_corners": False}))
-        if preprocess.interpolation == "bicubic":
-            x = x.clamp_(0, 1)  # bicubic overshoots; PIL clamps too
+    mean = torch.tensor(preprocess.mean, dtype=torch.float64)
+    std = torch.tensor(preprocess.std, dtype=torch.float64)
+    rows = axis_map(height, side, size, preprocess.interpolation)
+    columns = torch.kron(axis_map(width, side, size, preprocess.interpolation), torch.diag(1 / (255 * std))).T
+    shift = (-mean / std).repeat(size)  # each row of an axis map sums to 1, so the shift passes through both
+    maps = rows, columns, shift, -mean / std, (1 - mean) / std
+    return tuple(m.to(device, torch.float32) for m in maps)
+
+
+def axis_map(stored: int, side: int, size: int, interpolation: str) -> torch.Tensor:
+    """size × stored: row i holds the weights of the stored pixels in output pixel i of torch's
+    resize from `stored` to `side` pixels (antialiased when shrinking), center-cropped to `size`.
+    Made by resizing the identity image's height, so it is exactly F.interpolate's filter (not
+    a stored × 1 image: antialiasing treats a side of 1 differently)."""
+    identity = torch.eye(stored, dtype=torch.float64).view(1, 1, stored, stored)
+    exact = {} if interpolation == "nearest" else {"align_corners": False, "antialias": side < stored}
+    resized = F.interpolate(identity, size=(side, stored), mode=interpolation, **exact)[0, 0]
     top = int(round((side - size) / 2.0))  # torchvision's CenterCrop
-    x = x[:, :, top:top + size, top:top + size]
-    std = torch.tensor(preprocess.std, device=x.device).view(1, 3, 1, 1)
-    mean = torch.tensor(preprocess.mean, device=x.device).view(1, 3, 1, 1)
-    normalised = torch.empty(x.shape, device=x.device, memory_format=torch.channels_last)
-    return torch.addcmul(-mean / std, x, 1 / std, out=normalised)  # one pass: (x - mean) / std
+    return resized[top:top + size]
 
 
 def flip_lr(images: torch.Tensor) -> torch.Tensor:

@@ -12,6 +12,7 @@ import math
 import os
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
@@ -71,6 +72,7 @@ def fit(model: nn.Module, param_groups: list[dict], train_batches: Callable[[tor
     live = Live(str(live_dir), save_dvc_exp=False, dvcyaml=None, report=None) if is_main_process() else Silent()
     for record in history:  # the logs of a resumed run equal those of an uninterrupted one
         log_epoch(live, record, best_epoch)
+    checkpoints = CheckpointWriter(checkpoint, device) if checkpoint and is_main_process() else None
     epochs = tqdm(range(len(history), cfg.epochs), desc="epochs", unit="epoch", initial=len(history), total=cfg.epochs)
     for epoch in epochs:
         if validate and cfg.patience and epoch - best_epoch >= cfg.patience:
@@ -91,13 +93,15 @@ def fit(model: nn.Module, param_groups: list[dict], train_batches: Callable[[tor
             best_epoch = epoch + 1  # the last epoch is the result: its state is copied once, after the loop
         elif record["val_accuracy"] > best_acc:
             best_acc, best_epoch = record["val_accuracy"], epoch + 1
-            best_state = host_copy(state_of)
+            best_state = host_copy(state_of.state_dict())
         log_epoch(live, record, best_epoch)
-        if checkpoint and is_main_process() and epoch + 1 < cfg.epochs:  # after the last, the stage saves the model
-            save_checkpoint(checkpoint, {
+        if checkpoints and epoch + 1 < cfg.epochs:  # after the last, the stage saves the model
+            checkpoints.save({
                 "fingerprint": fingerprint, "model": state_of.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "history": history, "best_acc": best_acc,
                 "best_epoch": best_epoch, "best_state": best_state})
+    if checkpoints:
+        checkpoints.close()
     if not validate:  # nothing trains after this: the tensors themselves, copied only off a GPU
         best_state = {k: v.detach().cpu() for k, v in state_of.state_dict().items()}
     train_time = sum(r["seconds"] for r in history)
@@ -110,8 +114,17 @@ def fit(model: nn.Module, param_groups: list[dict], train_batches: Callable[[tor
     return fitted
 
 
-def host_copy(module: nn.Module) -> dict:
-    return {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
+def host_copy(value, pinned: bool = False):
+    """`value` with each tensor in its dicts and lists copied to host memory. pinned: into
+    page-locked memory, asynchronously from a GPU; synchronise before reading the copies."""
+    if isinstance(value, torch.Tensor):
+        copy = torch.empty(value.shape, dtype=value.dtype, pin_memory=pinned)
+        return copy.copy_(value.detach(), non_blocking=pinned)
+    if isinstance(value, dict):
+        return {k: host_copy(v, pinned) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(host_copy(v, pinned) for v in value)
+    return value
 
 
 def save_trained(path: Path, fitted: Fitted, state_key: str) -> None:
@@ -212,6 +225,38 @@ def load_checkpoint(path: Path | None, fingerprint: str) -> dict | None:
         print(f"ignoring {path}: it was written for other params or data")
         return None
     return saved
+
+
+class CheckpointWriter:
+    """Writes each checkpoint in a background thread from a host copy taken at once, so that
+    the next epoch trains while the file is written (AlexNet's 0.46 GB took 0.4-0.9 s on the
+    2-core CPU, VGG16's with SGD is 1.1 GB). One write at a time; close() waits for the last.
+    A kill -9 during a write leaves the previous checkpoint whole."""
+    def __init__(self, path: Path, device: torch.device):
+        self.path, self.on_gpu = path, device.type == "cuda"
+        self.thread, self.writing = ThreadPoolExecutor(1), None
+
+    def save(self, state: dict) -> None:
+        copied = host_copy(state, pinned=self.on_gpu)
+        ready = torch.cuda.Event() if self.on_gpu else None
+        if ready:
+            ready.record()
+        self.wait()
+        self.writing = self.thread.submit(self.write, copied, ready)
+
+    def write(self, state: dict, ready) -> None:
+        if ready:
+            ready.synchronize()  # the copies off the GPU are complete
+        save_checkpoint(self.path, state)
+
+    def wait(self) -> None:
+        if self.writing:
+            self.writing.result()  # raises what the write raised
+            self.writing = None
+
+    def close(self) -> None:
+        self.wait()
+        self.thread.shutdown()
 
 
 def save_checkpoint(path: Path, state: dict) -> None:

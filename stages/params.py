@@ -166,6 +166,9 @@ class Params:
                      "a state_dict file must end in .pth, .pt or .safetensors", self.weights)
         _require(self.model.strip() == self.model and self.model not in ("", "timm/"), "model",
                  "must name a torchvision model or timm/<name>", self.model)
+        stored = self.data.stored_size or (None if self.data.source == "imagefolder" else 32)
+        _require(stored is None or self.finetune.crop_padding < stored, "finetune.crop_padding",
+                 f"must be below the stored image size, {stored} px", self.finetune.crop_padding)
         if not self.data.has_validation:
             for train in (self.train_heads, self.finetune):
                 _require(train.patience is None, f"{train.section}.patience",

@@ -1,5 +1,7 @@
 import numpy as np
+import pytest
 import torch
+import torch.nn.functional as F
 import torchvision
 from PIL import Image
 
@@ -16,6 +18,27 @@ def test_model_input_resizes_and_normalises_on_the_device():
     assert x.shape == (3, 3, 20, 20) and x.dtype == torch.float32
     assert x.is_contiguous(memory_format=torch.channels_last)
     assert torch.allclose(x[:, 0], torch.tensor(2.0)) and torch.allclose(x[:, 1], torch.tensor(-2.0))
+
+
+def interpolate_crop_normalise(images, preprocess, size, crop_pct):
+    """model_input the plain way: F.interpolate, slice, normalise."""
+    x = images.permute(0, 3, 1, 2).float() / 255
+    side = inputs.resize_size(size, crop_pct)
+    exact = {} if preprocess.interpolation == "nearest" else {"align_corners": False, "antialias": side < x.shape[-1]}
+    x = F.interpolate(x, size=(side, side), mode=preprocess.interpolation, **exact).clamp(0, 1)
+    top = int(round((side - size) / 2.0))
+    x = x[:, :, top:top + size, top:top + size]
+    return (x - torch.tensor(preprocess.mean).view(3, 1, 1)) / torch.tensor(preprocess.std).view(3, 1, 1)
+
+
+@pytest.mark.parametrize("interpolation", ["bilinear", "bicubic", "nearest"])
+@pytest.mark.parametrize("stored, size, crop_pct", [(32, 224, 0.875), (32, 64, 1.0), (96, 40, 0.9), (20, 20, 1.0)])
+def test_the_matrix_resize_equals_interpolate_then_crop(interpolation, stored, size, crop_pct):
+    images = torch.randint(0, 256, (3, stored, stored, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    preprocess = inputs.Preprocess((0.485, 0.456, 0.406), (0.229, 0.224, 0.225), interpolation)
+    ours = inputs.model_input(images, preprocess, size, crop_pct)
+    assert ours.shape == (3, 3, size, size) and ours.is_contiguous(memory_format=torch.channels_last)
+    assert torch.allclose(ours, interpolate_crop_normalise(images, preprocess, size, crop_pct), atol=1e-5)
 
 
 def test_crop_pct_resizes_then_takes_the_centre():
@@ -79,15 +102,16 @@ def test_image_inputs_batches_in_order_and_flips_on_request():
 
 
 def test_augment_flips_and_crops_each_image_on_its_own():
-    images = torch.arange(4 * 6 * 6 * 3, dtype=torch.int64).remainder(256).to(torch.uint8).view(4, 6, 6, 3)
+    images = torch.randint(0, 256, (4, 6, 6, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    batch = images.repeat(16, 1, 1, 1)
     generator = torch.Generator().manual_seed(0)
-    flipped = augment.augment(images.repeat(16, 1, 1, 1), flip=True, crop_padding=0, generator=generator)
-    plain = images.permute(0, 3, 1, 2).float().div(255).repeat(16, 1, 1, 1)
-    is_flipped = (flipped == plain.flip(3)).flatten(1).all(1)
-    assert ((flipped == plain).flatten(1).all(1) | is_flipped).all() and 10 < is_flipped.sum() < 54
-    cropped = augment.augment(images.repeat(16, 1, 1, 1), flip=False, crop_padding=2, generator=generator)
-    assert cropped.shape == plain.shape
-    assert not torch.equal(cropped, plain)
-    centre = cropped[:, :, 2:4, 2:4]  # a shift of at most 2 px keeps some of the original values
-    assert torch.isin(centre, plain).all()
-
+    flipped = augment.augment(batch, flip=True, crop_padding=0, generator=generator)
+    is_flipped = (flipped == batch.flip(2)).flatten(1).all(1)
+    assert ((flipped == batch).flatten(1).all(1) | is_flipped).all() and 10 < is_flipped.sum() < 54
+    cropped = augment.augment(batch, flip=False, crop_padding=2, generator=generator)
+    assert cropped.shape == batch.shape and cropped.dtype == torch.uint8 and not torch.equal(cropped, batch)
+    padded = F.pad(batch.permute(0, 3, 1, 2).float(), (2, 2, 2, 2), mode="reflect").permute(0, 2, 3, 1)
+    crops = padded.unfold(1, 6, 1).unfold(2, 6, 1).permute(0, 1, 2, 4, 5, 3)  # N × 5 × 5 × 6 × 6 × 3: every crop
+    matches = (crops == cropped.float()[:, None, None]).flatten(3).all(3)
+    assert matches.flatten(1).any(1).all()  # each image is one crop of its reflect-padded self
+    assert len({tuple(m.nonzero()[0].tolist()) for m in matches}) > 5  # at different offsets

@@ -52,6 +52,7 @@ def stage_in_fresh_python(code: str) -> str:
     ({"train_heads.trainable": "fc7"}, "train_heads.trainable must be one of last, classifier"),
     ({"finetune.nesterov": True, "finetune.optimizer": "adam"}, "finetune.nesterov needs optimizer sgd"),
     ({"finetune.momentum": 1.0}, "finetune.momentum must be in [0, 1)"),
+    ({"finetune.crop_padding": 32}, "finetune.crop_padding must be below the stored image size, 32 px"),
     ({"train_heads.patience": 2}, "train_heads.patience needs a validation split"),
     ({"features.flip": "yes"}, "features.flip must be true or false"),
     ({"finetune.unfreeze": -1}, "finetune.unfreeze must be a number of blocks"),
