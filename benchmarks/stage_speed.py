@@ -57,14 +57,16 @@ class DroppedLive:
 if importlib.util.find_spec("dvclive") is None:
     sys.modules["dvclive"] = types.SimpleNamespace(Live=DroppedLive)  # before stages.loop imports it
 
-from stages import augment, backbones, device as devices, inputs, loop, params  # noqa: E402
+from stages import backbones, device as devices, inputs, loop, params  # noqa: E402
 from stages.cache_features import feature_dim, prepare_body, write_features  # noqa: E402
+from stages.finetune import train_batches  # noqa: E402
 from stages.train_heads import feature_batches, load_features  # noqa: E402
 
 SIZES = {"small": {"models": "alexnet", "image_size": 64, "images": 512},
          "full": {"models": "alexnet,vgg16,timm/tf_efficientnet_lite0", "image_size": 224, "images": 20480}}
 TIMED_EPOCHS = 2  # of the training stages, per timed run
 READY_BATCHES = 4  # distinct ready-made batches that the bare loops cycle through
+MIN_SECONDS = 6.0  # timed per side and stage: quick stages repeat until medians are steady on a shared machine
 NAIVE_WORKERS = 2  # DataLoader workers of the naive way on the GPU; on the CPU they would take the compute's cores
 
 
@@ -87,7 +89,7 @@ def main():
     parser.add_argument("--compile", action="store_true", help="torch.compile, as compile: true does")
     parser.add_argument("--images", type=int, help="N; default 512 (small), 20480 (full)")
     parser.add_argument("--epochs", type=int, default=3, help="epochs of the naive-against-ours comparison")
-    parser.add_argument("--repeats", type=int, default=3, help="timed runs of each side, after a warm-up")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs of each side at least, after a warm-up")
     args = parser.parse_args()
     size = SIZES[args.size]
     p = params.load()
@@ -147,7 +149,7 @@ def train_heads_runs(network, images, labels, p, s):
 
     ready = list(zip(features[:cfg.batch_size * READY_BATCHES].float().split(cfg.batch_size),
                      targets[:cfg.batch_size * READY_BATCHES].split(cfg.batch_size)))
-    steps = TIMED_EPOCHS * math.ceil(len(images) / cfg.batch_size)
+    steps = TIMED_EPOCHS * cfg.steps_per_epoch(len(images))
     return ours, lambda: bare_training(head, groups, cfg, ready, steps, s.device), TIMED_EPOCHS
 
 
@@ -162,21 +164,18 @@ def finetune_runs(network, images, labels, p, s):
     fast_model = devices.maybe_compile(model, s.compile)
     train_images, train_labels = images.to(s.device), labels.to(s.device)
     checkpoint = s.folder / "checkpoints" / "last.pt"
-
-    def train_batches(generator):  # finetune.main's, in one process
-        order = torch.randperm(len(train_labels), generator=generator, device=s.device)
-        for index in order.split(cfg.batch_size):
-            x = augment.augment(train_images[index], cfg.flip, cfg.crop_padding, generator)
-            yield inputs.model_input(x, network.preprocess, s.image_size, s.crop_pct), train_labels[index]
+    data_params = replace(p.data, image_size=s.image_size)
 
     def ours():
-        loop.fit(fast_model, groups, train_batches, len(train_labels), None, cfg, p.seed, s.device,
-                 s.folder / "live", checkpoint, "benchmark", state_of=model)
+        loop.fit(fast_model, groups, lambda generator: train_batches(
+                     train_images, train_labels, cfg, data_params, network.preprocess, generator),
+                 len(train_labels), None, cfg, p.seed, s.device, s.folder / "live", checkpoint, "benchmark",
+                 state_of=model)
         shutil.rmtree(checkpoint.parent, ignore_errors=True)  # as the stage does at its end; else the next run resumes
 
     ready = list(zip(ready_inputs(images, network.preprocess, s, cfg.batch_size),
                      train_labels[:cfg.batch_size * READY_BATCHES].split(cfg.batch_size)))
-    steps = TIMED_EPOCHS * math.ceil(len(images) / cfg.batch_size)
+    steps = TIMED_EPOCHS * cfg.steps_per_epoch(len(images))
     return ours, lambda: bare_training(fast_model, groups, cfg, ready, steps, s.device), TIMED_EPOCHS
 
 
@@ -220,10 +219,11 @@ def bare_training(model, groups, cfg, ready, steps, device) -> None:
 
 
 def compare(ours, bare, repeats: int, device) -> tuple[float, float]:
-    """Median seconds of each, alternating, after one warm-up run of each (cuDNN, torch.compile, caches)."""
+    """Median seconds of each, alternating, after one warm-up run of each (cuDNN, torch.compile, caches):
+    at least `repeats` runs of each, and more until each side has run MIN_SECONDS."""
     timed(ours, device), timed(bare, device)
     ours_s, bare_s = [], []
-    for _ in range(repeats):
+    while len(ours_s) < repeats or min(sum(ours_s), sum(bare_s)) < MIN_SECONDS:
         ours_s.append(timed(ours, device))
         bare_s.append(timed(bare, device))
     return statistics.median(ours_s), statistics.median(bare_s)

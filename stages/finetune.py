@@ -55,23 +55,15 @@ def main():
         groups.append({"params": body_params, "lr": cfg.backbone_lr})
     train_images, train_labels = (inputs.to_device(a, device) for a in data.load_split(PREPARED, "train"))
     val_images, val_labels = (inputs.to_device(a, device) for a in data.load_split(PREPARED, "val"))
+    if cfg.drop_last and len(train_labels) < cfg.batch_size:
+        raise UserError(f"params.yaml: finetune.drop_last leaves no batch of {cfg.batch_size} from "
+                        f"{len(train_labels)} training images: set finetune.drop_last: false or a smaller batch_size")
     if cfg.crop_padding >= train_images.shape[1]:  # an image folder's size is known only now
         raise UserError(f"params.yaml: finetune.crop_padding must be below the stored image size, "
                         f"{train_images.shape[1]} px (got {cfg.crop_padding})")
     trained = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None) \
         if world > 1 else model
     fast_model = devices.maybe_compile(trained, p.compile)
-
-    def train_batches(generator):
-        """The same global batches, flips and crops in every process; each keeps its share."""
-        order = torch.randperm(len(train_labels), generator=generator, device=device)
-        for index in order.split(cfg.batch_size):
-            if len(index) < world:
-                continue  # a last batch too small to give every process a row
-            x = augment.augment(train_images[index], cfg.flip, cfg.crop_padding, generator)
-            mine = torch.tensor_split(torch.arange(len(index), device=device), world)[rank]
-            yield inputs.model_input(x[mine], network.preprocess, p.data.image_size, p.data.crop_pct), \
-                train_labels[index[mine]]
 
     def validate():
         """Each process predicts its share of the val images; the sums are added up across them."""
@@ -87,7 +79,9 @@ def main():
 
     key = fingerprint(p)
     checkpoint = CHECKPOINTS / key[:16] / "last.pt"
-    fitted = loop.fit(fast_model, groups, train_batches, len(train_labels), validate if len(val_labels) else None,
+    fitted = loop.fit(fast_model, groups, lambda generator: train_batches(
+                          train_images, train_labels, cfg, p.data, network.preprocess, generator, rank, world),
+                      len(train_labels), validate if len(val_labels) else None,
                       cfg, p.seed, device, LIVE, checkpoint, key, state_of=model)
     if rank == 0:
         loop.save_trained(OUT / "model.pt", fitted, "model")
@@ -95,6 +89,19 @@ def main():
     if world > 1:
         dist.barrier()
         dist.destroy_process_group()
+
+
+def train_batches(images, labels, cfg: params.FinetuneParams, data_params: params.DataParams,
+                  preprocess: inputs.Preprocess, generator: torch.Generator, rank: int = 0, world: int = 1):
+    """One epoch's (inputs, labels), shuffled and augmented on the device. Every process draws
+    the same global batches, flips and crops from the same generator; each keeps its share."""
+    order = torch.randperm(len(labels), generator=generator, device=labels.device)
+    for index in order.split(cfg.batch_size):
+        if len(index) < (cfg.batch_size if cfg.drop_last else world):
+            continue  # a partial last batch when dropped, or one too small to give every process a row
+        x = augment.augment(images[index], cfg.flip, cfg.crop_padding, generator)
+        mine = torch.tensor_split(torch.arange(len(index), device=labels.device), world)[rank]
+        yield inputs.model_input(x[mine], preprocess, data_params.image_size, data_params.crop_pct), labels[index[mine]]
 
 
 def relaunch_under_torchrun(processes: int) -> None:

@@ -58,7 +58,7 @@ def fit(model: nn.Module, param_groups: list[dict], train_batches: Callable[[tor
     `state_of`: the module whose state_dict is saved, when `model` is its torch.compile'd wrapper."""
     state_of = state_of or model
     optimizer = make_optimizer(cfg, param_groups)
-    steps_per_epoch = math.ceil(n_train / cfg.batch_size)
+    steps_per_epoch = cfg.steps_per_epoch(n_train)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(
         step, cfg.warmup_epochs * steps_per_epoch, cfg.epochs * steps_per_epoch, cfg.schedule))
     history, best_acc, best_epoch, best_state = [], -1.0, 0, None
@@ -105,7 +105,8 @@ def fit(model: nn.Module, param_groups: list[dict], train_batches: Callable[[tor
     if not validate:  # nothing trains after this: the tensors themselves, copied only off a GPU
         best_state = {k: v.detach().cpu() for k, v in state_of.state_dict().items()}
     train_time = sum(r["seconds"] for r in history)
-    fitted = Fitted(best_state, best_epoch, history, train_time, n_train * len(history) / train_time)
+    trained_per_epoch = min(n_train, steps_per_epoch * cfg.batch_size)
+    fitted = Fitted(best_state, best_epoch, history, train_time, trained_per_epoch * len(history) / train_time)
     live.summary.update({"best_epoch": best_epoch, "epochs_run": len(history), "time_s": round(train_time, 2),
                          "images_per_s": round(fitted.images_per_s, 1),
                          "trainable_params": sum(p.numel() for p in state_of.parameters() if p.requires_grad),
@@ -117,8 +118,8 @@ def fit(model: nn.Module, param_groups: list[dict], train_batches: Callable[[tor
 def host_copy(value, pinned: bool = False):
     """`value` with each tensor in its dicts and lists copied to host memory. pinned: into
     page-locked memory, asynchronously from a GPU; synchronise before reading the copies."""
-    if isinstance(value, torch.Tensor):
-        copy = torch.empty(value.shape, dtype=value.dtype, pin_memory=pinned)
+    if isinstance(value, torch.Tensor):  # same strides: a fused optimizer resumed on channels_last needs them
+        copy = torch.empty_like(value, device="cpu", pin_memory=pinned)
         return copy.copy_(value.detach(), non_blocking=pinned)
     if isinstance(value, dict):
         return {k: host_copy(v, pinned) for k, v in value.items()}

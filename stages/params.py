@@ -5,6 +5,7 @@ error before it touches an output; the check-inputs stage runs the same validati
 every other stage, so that `dvc repro` stops before DVC deletes any stage's outputs.
 `load()` is quick: it imports no model registry (check_inputs checks the model's name).
 """
+import math
 import types
 import typing
 from dataclasses import dataclass, fields
@@ -96,6 +97,9 @@ class TrainParams:
     def section(self) -> str:
         return "finetune" if isinstance(self, FinetuneParams) else "train_heads"
 
+    def steps_per_epoch(self, n_train: int) -> int:
+        return math.ceil(n_train / self.batch_size)
+
     def __post_init__(self):
         section = self.section
         _require(self.lr > 0, f"{section}.lr", "must be positive", self.lr)
@@ -123,6 +127,10 @@ class FinetuneParams(TrainParams):
     flip: bool  # random horizontal flips, on the device
     crop_padding: int  # random crops after padding by this many pixels; 0 turns them off
     processes: int  # above 1: data-parallel under torchrun, one GPU each (gloo on the CPU)
+    drop_last: bool  # skip each epoch's last partial batch: one batch shape for cuDNN and torch.compile
+
+    def steps_per_epoch(self, n_train: int) -> int:
+        return n_train // self.batch_size if self.drop_last else super().steps_per_epoch(n_train)
 
     def __post_init__(self):
         super().__post_init__()

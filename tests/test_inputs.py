@@ -1,3 +1,5 @@
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -5,7 +7,7 @@ import torch.nn.functional as F
 import torchvision
 from PIL import Image
 
-from stages import augment, inputs
+from stages import augment, finetune, inputs, params
 from tests.conftest import CIFAR_JPEG, needs_shared, unpack_cifar_jpeg
 
 PRE = inputs.Preprocess((0.5, 0.5, 0.5), (0.25, 0.25, 0.25), "bicubic")
@@ -115,3 +117,25 @@ def test_augment_flips_and_crops_each_image_on_its_own():
     matches = (crops == cropped.float()[:, None, None]).flatten(3).all(3)
     assert matches.flatten(1).any(1).all()  # each image is one crop of its reflect-padded self
     assert len({tuple(m.nonzero()[0].tolist()) for m in matches}) > 5  # at different offsets
+
+
+def test_finetune_batches_keep_or_drop_the_partial_last_batch_and_split_across_processes():
+    images = torch.randint(0, 256, (70, 8, 8, 3), dtype=torch.uint8)
+    labels = torch.arange(70)
+    p = params.load()
+    data_params = replace(p.data, image_size=16, crop_pct=1.0)
+
+    def batches(cfg, rank=0, world=1):
+        generator = torch.Generator().manual_seed(0)
+        return list(finetune.train_batches(images, labels, cfg, data_params, PRE, generator, rank, world))
+
+    for drop_last, sizes in ((False, [32, 32, 6]), (True, [32, 32])):
+        cfg = replace(p.finetune, batch_size=32, drop_last=drop_last, flip=True, crop_padding=2)
+        epoch = batches(cfg)
+        assert [len(y) for _, y in epoch] == sizes and len(sizes) == cfg.steps_per_epoch(len(labels))
+        assert all(x.shape == (len(y), 3, 16, 16) for x, y in epoch)
+        assert len(torch.cat([y for _, y in epoch]).unique()) == sum(sizes)  # shuffled, none repeated
+    shares = [batches(cfg, rank, 2) for rank in (0, 1)]
+    for (x0, y0), (x1, y1), (x, y) in zip(*shares, epoch):
+        assert len(y0) == len(y1) == 16 and torch.equal(torch.cat([y0, y1]), y)
+        assert torch.allclose(torch.cat([x0, x1]), x)  # the same flips and crops in both processes

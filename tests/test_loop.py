@@ -82,3 +82,13 @@ def test_a_corrupt_or_malicious_checkpoint_is_ignored_with_a_warning(tmp_path, c
         warning = capsys.readouterr().err
         assert f"warning: {checkpoint}" in warning and "training starts over" in warning
     assert not marker.exists()
+
+
+def test_host_copies_are_copies_with_the_same_memory_layout():
+    weight = torch.randn(2, 3, 4, 4).to(memory_format=torch.channels_last)
+    state = {"model": {"weight": weight}, "history": [{"epoch": 1}], "betas": (0.9, 0.99)}
+    copied = loop.host_copy(state)
+    assert copied == {**state, "model": copied["model"]} and torch.equal(copied["model"]["weight"], weight)
+    assert copied["model"]["weight"].stride() == weight.stride()  # a fused optimizer resumed on it needs these
+    weight.add_(1)
+    assert not torch.equal(copied["model"]["weight"], weight)

@@ -29,11 +29,10 @@ def test_every_protocol_sets_the_same_keys_and_each_is_valid(project):
         params.load()
 
 
-def test_loading_imports_no_model_registry_and_is_quick():
-    result = stage_in_fresh_python("import sys, time; t = time.perf_counter(); from stages import params; "
-                                   "params.load(); print(time.perf_counter() - t, 'torchvision' in sys.modules)")
-    seconds, imported = result.split()
-    assert imported == "False" and float(seconds) < 0.5
+def test_loading_imports_no_model_registry():  # its time: python -m benchmarks.startup
+    result = stage_in_fresh_python("import sys; from stages import params; params.load(); "
+                                   "print(sorted({'torch', 'torchvision', 'timm'} & set(sys.modules)))")
+    assert result.strip() == "[]"
 
 
 def stage_in_fresh_python(code: str) -> str:
