@@ -11,7 +11,7 @@ them, on the N images:
 
     cache-features  inputs.image_inputs + cache_features.write_features: host uint8 -> fp16 .npy
     train-heads     loop.fit on train_heads.feature_batches of fp16 features on the device
-    finetune        loop.fit on finetune's batches (augment, model_input), with its checkpoints
+    finetune        loop.fit on finetune's batches (augment, model_input), checkpoints as params.yaml sets them
     evaluate        inputs.image_inputs + loop.predict: host uint8 -> logits on the host
 
 The training stages run 2 epochs per timed run, so that what loop.fit does between epochs (state
@@ -163,15 +163,15 @@ def finetune_runs(network, images, labels, p, s):
         groups.append({"params": body_params, "lr": cfg.backbone_lr})
     fast_model = devices.maybe_compile(model, s.compile)
     train_images, train_labels = images.to(s.device), labels.to(s.device)
-    checkpoint = s.folder / "checkpoints" / "last.pt"
     data_params = replace(p.data, image_size=s.image_size)
 
     def ours():
+        checkpoints = loop.Checkpoints(s.folder / "checkpoints" / "last.pt", "benchmark", s.device,
+                                       cfg.checkpoint_interval_s)
         loop.fit(fast_model, groups, lambda generator: train_batches(
                      train_images, train_labels, cfg, data_params, network.preprocess, generator),
-                 len(train_labels), None, cfg, p.seed, s.device, s.folder / "live", checkpoint, "benchmark",
-                 state_of=model)
-        shutil.rmtree(checkpoint.parent, ignore_errors=True)  # as the stage does at its end; else the next run resumes
+                 len(train_labels), None, cfg, p.seed, s.device, s.folder / "live", checkpoints, state_of=model)
+        shutil.rmtree(checkpoints.path.parent, ignore_errors=True)  # as the stage does at its end; else the next run resumes
 
     ready = list(zip(ready_inputs(images, network.preprocess, s, cfg.batch_size),
                      train_labels[:cfg.batch_size * READY_BATCHES].split(cfg.batch_size)))

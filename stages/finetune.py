@@ -7,9 +7,10 @@
 finetune.unfreeze: all trains every layer, as the study's notebook did; N trains the last N
 blocks. The unfrozen blocks learn at finetune.backbone_lr, the classifier at finetune.lr.
 Images are flipped and cropped on the device at their stored size (if asked), then resized.
-A checkpoint after every epoch, in .checkpoints/finetune/<fingerprint>/ (outside DVC's
-outputs, so that the stage stays in the run-cache), lets an interrupted run resume: rerun the
-stage and it goes on from the last complete epoch; it is deleted when the stage completes.
+A checkpoint at the end of an epoch, at most one per finetune.checkpoint_interval_s, in
+.checkpoints/finetune/<fingerprint>/ (outside DVC's outputs, so that the stage stays in the
+run-cache), lets an interrupted run resume: rerun the stage and it goes on from the last
+checkpointed epoch; it is deleted when the stage completes.
 Under torchrun (DistributedDataParallel), every process holds all the uint8 images on its
 device and draws the same seeded global batches; each trains on its share of every batch, so
 the global batch stays finetune.batch_size. Only rank 0 writes outputs and logs.
@@ -78,14 +79,14 @@ def main():
         return loss_sum / count, correct / count
 
     key = fingerprint(p)
-    checkpoint = CHECKPOINTS / key[:16] / "last.pt"
+    checkpoints = loop.Checkpoints(CHECKPOINTS / key[:16] / "last.pt", key, device, cfg.checkpoint_interval_s)
     fitted = loop.fit(fast_model, groups, lambda generator: train_batches(
                           train_images, train_labels, cfg, p.data, network.preprocess, generator, rank, world),
                       len(train_labels), validate if len(val_labels) else None,
-                      cfg, p.seed, device, LIVE, checkpoint, key, state_of=model)
+                      cfg, p.seed, device, LIVE, checkpoints, state_of=model)
     if rank == 0:
         loop.save_trained(OUT / "model.pt", fitted, "model")
-        shutil.rmtree(checkpoint.parent, ignore_errors=True)  # none was written if it ran one epoch
+        shutil.rmtree(checkpoints.path.parent, ignore_errors=True)  # none was written if it ran one epoch
     if world > 1:
         dist.barrier()
         dist.destroy_process_group()

@@ -3,8 +3,8 @@
 SGD (with momentum, optionally Nesterov), Adam or AdamW with one learning rate per parameter
 group, an optional warm-up and cosine schedule per step, and either the best epoch by
 validation accuracy (with optional early stopping) or, without a validation split, the last
-epoch. DVCLive records every epoch. An optional checkpoint after every epoch lets an
-interrupted run resume exactly: each epoch seeds its own random numbers. Under torchrun
+epoch. DVCLive records every epoch. Optional checkpoints (at an epoch's end, at most one per
+interval) let an interrupted run resume exactly: each epoch seeds its own random numbers. Under torchrun
 (finetune.processes > 1) the epoch's sums are added up across processes, and only rank 0
 writes DVCLive's files and the checkpoint.
 """
@@ -52,8 +52,7 @@ def make_optimizer(cfg: TrainParams, param_groups: list[dict]) -> torch.optim.Op
 
 def fit(model: nn.Module, param_groups: list[dict], train_batches: Callable[[torch.Generator], Batches],
         n_train: int, validate: Validate | None, cfg: TrainParams, seed: int, device: torch.device,
-        live_dir: Path, checkpoint: Path | None = None, fingerprint: str = "", state_of: nn.Module | None = None
-        ) -> Fitted:
+        live_dir: Path, checkpoints: "Checkpoints | None" = None, state_of: nn.Module | None = None) -> Fitted:
     """`validate` None: no validation split, so the model after the last epoch is the result.
     `state_of`: the module whose state_dict is saved, when `model` is its torch.compile'd wrapper."""
     state_of = state_of or model
@@ -62,17 +61,16 @@ def fit(model: nn.Module, param_groups: list[dict], train_batches: Callable[[tor
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(
         step, cfg.warmup_epochs * steps_per_epoch, cfg.epochs * steps_per_epoch, cfg.schedule))
     history, best_acc, best_epoch, best_state = [], -1.0, 0, None
-    saved = load_checkpoint(checkpoint, fingerprint)
+    saved = checkpoints.load() if checkpoints else None
     if saved:
         state_of.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
         history, best_acc, best_epoch, best_state = (saved[k] for k in ("history", "best_acc", "best_epoch", "best_state"))
-        print(f"resuming from {checkpoint} after epoch {len(history)}")
+        print(f"resuming from {checkpoints.path} after epoch {len(history)}")
     live = Live(str(live_dir), save_dvc_exp=False, dvcyaml=None, report=None) if is_main_process() else Silent()
     for record in history:  # the logs of a resumed run equal those of an uninterrupted one
         log_epoch(live, record, best_epoch)
-    checkpoints = CheckpointWriter(checkpoint, device) if checkpoint and is_main_process() else None
     epochs = tqdm(range(len(history), cfg.epochs), desc="epochs", unit="epoch", initial=len(history), total=cfg.epochs)
     for epoch in epochs:
         if validate and cfg.patience and epoch - best_epoch >= cfg.patience:
@@ -95,9 +93,9 @@ def fit(model: nn.Module, param_groups: list[dict], train_batches: Callable[[tor
             best_acc, best_epoch = record["val_accuracy"], epoch + 1
             best_state = host_copy(state_of.state_dict())
         log_epoch(live, record, best_epoch)
-        if checkpoints and epoch + 1 < cfg.epochs:  # after the last, the stage saves the model
-            checkpoints.save({
-                "fingerprint": fingerprint, "model": state_of.state_dict(), "optimizer": optimizer.state_dict(),
+        if checkpoints and is_main_process() and epoch + 1 < cfg.epochs and checkpoints.due(seconds):
+            checkpoints.save({  # none after the last epoch: the stage saves the model
+                "model": state_of.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "history": history, "best_acc": best_acc,
                 "best_epoch": best_epoch, "best_state": best_state})
     if checkpoints:
@@ -212,38 +210,47 @@ def log_epoch(live: Live, record: dict, best_epoch: int) -> None:
     live.next_step()
 
 
-def load_checkpoint(path: Path | None, fingerprint: str) -> dict | None:
-    """The checkpoint at `path` if it was written for the same fingerprint (params and data).
-    One that can't be read safely is ignored with a warning, and training starts over."""
-    if not path or not path.exists():
-        return None
-    try:
-        saved = load_tensors(path)
-    except UserError as error:
-        print(f"warning: {error}; training starts over", file=sys.stderr)
-        return None
-    if not isinstance(saved, dict) or saved.get("fingerprint") != fingerprint:
-        print(f"ignoring {path}: it was written for other params or data")
-        return None
-    return saved
+class Checkpoints:
+    """Where an interrupted fit resumes from: one file, for one fingerprint (params and data).
 
+    Written at the end of an epoch once `interval_s` seconds of training have passed since the
+    last one (0: every epoch), so that a fast GPU epoch does not pay for a 1.1 GB write each
+    time (VGG16 with SGD; AlexNet's 0.46 GB took 0.4-0.9 s on the 2-core CPU). The write runs in
+    a background thread from a host copy taken at once, while the next epoch trains; one at a
+    time, and close() waits for the last. A kill -9 during a write leaves the previous file whole.
+    """
+    def __init__(self, path: Path, fingerprint: str, device: torch.device, interval_s: float = 0.0):
+        self.path, self.fingerprint, self.interval_s = path, fingerprint, interval_s
+        self.on_gpu = device.type == "cuda"
+        self.unsaved_s, self.thread, self.writing = 0.0, ThreadPoolExecutor(1), None
 
-class CheckpointWriter:
-    """Writes each checkpoint in a background thread from a host copy taken at once, so that
-    the next epoch trains while the file is written (AlexNet's 0.46 GB took 0.4-0.9 s on the
-    2-core CPU, VGG16's with SGD is 1.1 GB). One write at a time; close() waits for the last.
-    A kill -9 during a write leaves the previous checkpoint whole."""
-    def __init__(self, path: Path, device: torch.device):
-        self.path, self.on_gpu = path, device.type == "cuda"
-        self.thread, self.writing = ThreadPoolExecutor(1), None
+    def load(self) -> dict | None:
+        """The checkpoint if it was written for the same fingerprint. One that can't be read
+        safely is ignored with a warning, and training starts over."""
+        if not self.path.exists():
+            return None
+        try:
+            saved = load_tensors(self.path)
+        except UserError as error:
+            print(f"warning: {error}; training starts over", file=sys.stderr)
+            return None
+        if not isinstance(saved, dict) or saved.get("fingerprint") != self.fingerprint:
+            print(f"ignoring {self.path}: it was written for other params or data")
+            return None
+        return saved
+
+    def due(self, epoch_seconds: float) -> bool:
+        self.unsaved_s += epoch_seconds
+        return self.unsaved_s >= self.interval_s
 
     def save(self, state: dict) -> None:
-        copied = host_copy(state, pinned=self.on_gpu)
+        copied = host_copy({**state, "fingerprint": self.fingerprint}, pinned=self.on_gpu)
         ready = torch.cuda.Event() if self.on_gpu else None
         if ready:
             ready.record()
         self.wait()
         self.writing = self.thread.submit(self.write, copied, ready)
+        self.unsaved_s = 0.0
 
     def write(self, state: dict, ready) -> None:
         if ready:

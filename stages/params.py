@@ -128,6 +128,7 @@ class FinetuneParams(TrainParams):
     crop_padding: int  # random crops after padding by this many pixels; 0 turns them off
     processes: int  # above 1: data-parallel under torchrun, one GPU each (gloo on the CPU)
     drop_last: bool  # skip each epoch's last partial batch: one batch shape for cuDNN and torch.compile
+    checkpoint_interval_s: float  # seconds of training between checkpoints, taken at an epoch's end
 
     def steps_per_epoch(self, n_train: int) -> int:
         return n_train // self.batch_size if self.drop_last else super().steps_per_epoch(n_train)
@@ -141,6 +142,8 @@ class FinetuneParams(TrainParams):
                  "must be a number of blocks >= 0, or 'all'", self.unfreeze)
         _require(self.backbone_lr > 0, "finetune.backbone_lr", "must be positive", self.backbone_lr)
         _require(self.crop_padding >= 0, "finetune.crop_padding", "must be >= 0", self.crop_padding)
+        _require(self.checkpoint_interval_s >= 0, "finetune.checkpoint_interval_s", "must be >= 0",
+                 self.checkpoint_interval_s)
 
 
 @dataclass(frozen=True)

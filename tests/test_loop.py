@@ -38,7 +38,7 @@ def fit(tmp_path, config: TrainParams, val_accuracies=None, validation=True, che
 
     return loop.fit(model, [{"params": model.parameters(), "lr": config.lr}], batches, len(y),
                     validate if validation else None, config, 0, torch.device("cpu"), tmp_path / "live",
-                    checkpoint=checkpoint, fingerprint="test")
+                    loop.Checkpoints(checkpoint, "test", torch.device("cpu")) if checkpoint else None)
 
 
 @pytest.mark.parametrize("optimizer", ["sgd", "adam", "adamw"])
@@ -92,3 +92,12 @@ def test_host_copies_are_copies_with_the_same_memory_layout():
     assert copied["model"]["weight"].stride() == weight.stride()  # a fused optimizer resumed on it needs these
     weight.add_(1)
     assert not torch.equal(copied["model"]["weight"], weight)
+
+
+def test_checkpoints_are_written_once_their_interval_of_training_has_passed(tmp_path):
+    every_epoch = loop.Checkpoints(tmp_path / "a" / "last.pt", "test", torch.device("cpu"), interval_s=0)
+    fit(tmp_path / "a", cfg(epochs=3), checkpoint=every_epoch.path)
+    assert len(every_epoch.load()["history"]) == 2  # after epochs 1 and 2; the stage saves the last
+    rarely = loop.Checkpoints(tmp_path / "b" / "last.pt", "test", torch.device("cpu"), interval_s=3600)
+    assert [rarely.due(0.4) for _ in range(3)] == [False, False, False]
+    assert loop.Checkpoints(tmp_path / "c.pt", "test", torch.device("cpu"), interval_s=1.0).due(1.0)

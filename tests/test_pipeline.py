@@ -128,7 +128,8 @@ def test_identical_runs_give_identical_outputs_and_a_kill_9_recovers(dvc_project
 
 
 def test_an_interrupted_finetune_resumes_to_the_same_result(project):
-    set_params(project / "params.yaml", {**LEARNS, "strategy": "finetune", "finetune.epochs": 3})
+    set_params(project / "params.yaml", {**LEARNS, "strategy": "finetune", "finetune.epochs": 3,
+                                             "finetune.checkpoint_interval_s": 0})
     for name in ("check_inputs", "prepare_data", "cache_features", "finetune", "evaluate"):
         stage(name)
     uninterrupted = metrics(project)["test"]
@@ -195,7 +196,8 @@ def test_editing_an_image_in_a_local_folder_reruns_prepare_data(dvc_project):
 
 
 def test_finetune_under_torchrun_with_two_processes_resumes_after_kill_9(dvc_project):
-    set_params(dvc_project / "params.yaml", {**LEARNS, "strategy": "finetune", "finetune.processes": 2})
+    set_params(dvc_project / "params.yaml", {**LEARNS, "strategy": "finetune", "finetune.processes": 2,
+                                                 "finetune.checkpoint_interval_s": 0})
     run("git", "commit", "-qam", "two processes")
     process = subprocess.Popen(["dvc", "repro"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                start_new_session=True)
