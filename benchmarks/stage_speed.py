@@ -1,6 +1,6 @@
 """Images/s of each stage's code path on this device, against a bare loop on the same tensors.
 
-    python -m benchmarks.stage_speed 2>/dev/null                  # --size small: CI-sized, CPU, 1.5–2 min
+    python -m benchmarks.stage_speed 2>/dev/null                  # --size small: CI-sized, CPU, about 3 min
     python -m benchmarks.stage_speed --size full 2>/dev/null      # GPU: alexnet, vgg16, lite0 at 224 px, bf16
     python -m benchmarks.stage_speed --size full --models vgg16 --compile
 
@@ -18,7 +18,7 @@ The training stages run 2 epochs per timed run, so that what loop.fit does betwe
 copies, checkpoints, logs) counts as it does in a real run. The bare loop runs the same module on
 ready-made device tensors, with the same number of batches, batch size, optimizer, dtype and
 threads: a forward pass (cache-features, evaluate), or forward, backward and optimizer step
-(train-heads, finetune). Runs alternate; medians compared.
+(train-heads, finetune). Runs alternate; the ratio is the median of each pair's ratio.
 
 Then feature extraction as a whole, over --epochs epochs, against the naive way of the study's
 notebook: a torch DataLoader with per-image PIL Resize(round(size / crop_pct)), CenterCrop,
@@ -66,7 +66,7 @@ SIZES = {"small": {"models": "alexnet", "image_size": 64, "images": 512},
          "full": {"models": "alexnet,vgg16,timm/tf_efficientnet_lite0", "image_size": 224, "images": 20480}}
 TIMED_EPOCHS = 2  # of the training stages, per timed run
 READY_BATCHES = 4  # distinct ready-made batches that the bare loops cycle through
-MIN_SECONDS = 6.0  # timed per side and stage: quick stages repeat until medians are steady on a shared machine
+MIN_SECONDS = 15.0  # timed per side and stage: quick stages repeat until medians are steady on a shared machine
 NAIVE_WORKERS = 2  # DataLoader workers of the naive way on the GPU; on the CPU they would take the compute's cores
 
 
@@ -108,8 +108,8 @@ def main():
             for stage, runs in (("cache-features", cache_features_runs), ("train-heads", train_heads_runs),
                                 ("finetune", finetune_runs), ("evaluate", evaluate_runs)):
                 ours, bare, passes = runs(backbones.build(model, "none", 10, s.image_size), images, labels, p, s)
-                ours_s, bare_s = compare(ours, bare, args.repeats, device)
-                rows.append((stage, model, passes * n / ours_s, passes * n / bare_s))
+                ours_s, bare_s, ratio = compare(ours, bare, args.repeats, device)
+                rows.append((stage, model, passes * n / ours_s, passes * n / bare_s, ratio))
                 print_row(*rows[-1])
             naive_s = naive_feature_extraction(backbones.build(model, "none", 10), images, labels, p, s, args.epochs)
             ours_s = our_feature_extraction(backbones.build(model, "none", 10), images, labels, p, s, args.epochs)
@@ -218,15 +218,21 @@ def bare_training(model, groups, cfg, ready, steps, device) -> None:
         optimizer.step()
 
 
-def compare(ours, bare, repeats: int, device) -> tuple[float, float]:
-    """Median seconds of each, alternating, after one warm-up run of each (cuDNN, torch.compile, caches):
-    at least `repeats` runs of each, and more until each side has run MIN_SECONDS."""
+def compare(ours, bare, repeats: int, device) -> tuple[float, float, float]:
+    """Median seconds of each and the median of the paired ratios (bare / ours), after one warm-up
+    run of each (cuDNN, torch.compile, caches): at least `repeats` pairs, and more until each side
+    has run MIN_SECONDS. Pairing cancels a shared machine's drift; each pair's order alternates."""
     timed(ours, device), timed(bare, device)
     ours_s, bare_s = [], []
     while len(ours_s) < repeats or min(sum(ours_s), sum(bare_s)) < MIN_SECONDS:
-        ours_s.append(timed(ours, device))
-        bare_s.append(timed(bare, device))
-    return statistics.median(ours_s), statistics.median(bare_s)
+        if len(ours_s) % 2:
+            bare_s.append(timed(bare, device))
+            ours_s.append(timed(ours, device))
+        else:
+            ours_s.append(timed(ours, device))
+            bare_s.append(timed(bare, device))
+    ratios = [b / o for o, b in zip(ours_s, bare_s)]
+    return statistics.median(ours_s), statistics.median(bare_s), statistics.median(ratios)
 
 
 def timed(run, device) -> float:
@@ -301,14 +307,14 @@ def our_feature_extraction(network, images, labels, p, s: Setup, epochs: int) ->
     return time.perf_counter() - started
 
 
-def print_row(stage, model, ours, bare) -> None:
-    print(f"  {stage}, {model}: {ours:.1f} images/s ours, {bare:.1f} bare, ratio {ours / bare:.3f}", flush=True)
+def print_row(stage, model, ours, bare, ratio) -> None:
+    print(f"  {stage}, {model}: {ours:.1f} images/s ours, {bare:.1f} bare, ratio {ratio:.3f}", flush=True)
 
 
 def print_tables(rows, naive_rows, n: int, epochs: int) -> None:
-    print(f"\n| stage | model | images/s ours | images/s bare | ratio |\n|---|---|---:|---:|---:|")
-    for stage, model, ours, bare in rows:
-        print(f"| {stage} | {model} | {ours:.1f} | {bare:.1f} | {ours / bare:.3f} |")
+    print(f"\n| stage | model | images/s ours | images/s bare | ratio (paired median) |\n|---|---|---:|---:|---:|")
+    for stage, model, ours, bare, ratio in rows:
+        print(f"| {stage} | {model} | {ours:.1f} | {bare:.1f} | {ratio:.3f} |")
     print(f"\nFeature extraction, {n} images, {epochs} epochs of the head:\n"
           f"| model | naive s (backbone every epoch, PIL DataLoader) | ours s (cache once + head) | speed-up |\n"
           f"|---|---:|---:|---:|")

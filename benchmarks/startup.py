@@ -19,7 +19,7 @@ TIMED = "import time; started = time.perf_counter(); {code}; print(time.perf_cou
 def seconds_in_fresh_process(code: str, setup: str = "", runs: int = 5) -> float:
     timings = []
     for _ in range(runs):
-        script = f"{setup}; " + TIMED.format(code=code)
+        script = "; ".join(filter(None, [setup, TIMED.format(code=code)]))
         result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
         if result.returncode != 0:
             raise SystemExit(f"benchmark failed: {script}\n{result.stderr}")
