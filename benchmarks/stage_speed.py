@@ -1,6 +1,6 @@
 """Images/s of each stage's code path on this device, against a bare loop on the same tensors.
 
-    python -m benchmarks.stage_speed 2>/dev/null                  # --size small: CI-sized, CPU, about 3 min
+    python -m benchmarks.stage_speed 2>/dev/null                  # --size small: CI-sized, CPU, about 4 min
     python -m benchmarks.stage_speed --size full 2>/dev/null      # GPU: alexnet, vgg16, lite0 at 224 px, bf16
     python -m benchmarks.stage_speed --size full --models vgg16 --compile
 
