@@ -15,7 +15,8 @@ them, on the N images:
     evaluate        inputs.image_inputs + loop.predict: host uint8 -> logits on the host
 
 The training stages run 2 epochs per timed run, so that what loop.fit does between epochs (state
-copies, checkpoints, logs) counts as it does in a real run. The bare loop runs the same module on
+copies, logs, and checkpoints when finetune.checkpoint_interval_s has passed) counts as it does in
+a real run. The bare loop runs the same module on
 ready-made device tensors, with the same number of batches, batch size, optimizer, dtype and
 threads: a forward pass (cache-features, evaluate), or forward, backward and optimizer step
 (train-heads, finetune). Runs alternate; the ratio is the median of each pair's ratio.

@@ -4,9 +4,9 @@ SGD (with momentum, optionally Nesterov), Adam or AdamW with one learning rate p
 group, an optional warm-up and cosine schedule per step, and either the best epoch by
 validation accuracy (with optional early stopping) or, without a validation split, the last
 epoch. DVCLive records every epoch. Optional checkpoints (at an epoch's end, at most one per
-interval) let an interrupted run resume exactly: each epoch seeds its own random numbers. Under torchrun
-(finetune.processes > 1) the epoch's sums are added up across processes, and only rank 0
-writes DVCLive's files and the checkpoint.
+interval) let an interrupted run resume exactly: each epoch seeds its own random numbers.
+Under torchrun (finetune.processes > 1) the epoch's sums are added up across processes, and
+only rank 0 writes DVCLive's files and the checkpoint.
 """
 import math
 import os
@@ -94,10 +94,10 @@ def fit(model: nn.Module, param_groups: list[dict], train_batches: Callable[[tor
             best_state = host_copy(state_of.state_dict())
         log_epoch(live, record, best_epoch)
         if checkpoints and is_main_process() and epoch + 1 < cfg.epochs and checkpoints.due(seconds):
-            checkpoints.save({  # none after the last epoch: the stage saves the model
-                "model": state_of.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "history": history, "best_acc": best_acc,
-                "best_epoch": best_epoch, "best_state": best_state})
+            checkpoints.save(  # none after the last epoch: the stage saves the model
+                changing={"model": state_of.state_dict(), "optimizer": optimizer.state_dict()},
+                settled={"scheduler": scheduler.state_dict(), "history": list(history), "best_acc": best_acc,
+                         "best_epoch": best_epoch, "best_state": best_state})
     if checkpoints:
         checkpoints.close()
     if not validate:  # nothing trains after this: the tensors themselves, copied only off a GPU
@@ -243,8 +243,10 @@ class Checkpoints:
         self.unsaved_s += epoch_seconds
         return self.unsaved_s >= self.interval_s
 
-    def save(self, state: dict) -> None:
-        copied = host_copy({**state, "fingerprint": self.fingerprint}, pinned=self.on_gpu)
+    def save(self, changing: dict, settled: dict) -> None:
+        """`changing`: tensors that training goes on updating in place, copied now; `settled`:
+        values that no longer change (best_state is replaced, never updated), written as they are."""
+        copied = {**host_copy(changing, pinned=self.on_gpu), **settled, "fingerprint": self.fingerprint}
         ready = torch.cuda.Event() if self.on_gpu else None
         if ready:
             ready.record()
