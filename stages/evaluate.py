@@ -3,8 +3,9 @@
     python -m stages.evaluate            # or: dvc repro evaluate
 
 Always runs on images, never on cached features, so both strategies are measured the same
-way. For feature extraction it also runs the head on the cached test features and records how
-far the two paths' logits differ. Writes metrics/metrics.json (test accuracy, and the whole
+way. evaluate.flip averages each image's logits with its mirror image's. For feature extraction
+it also runs the head on the cached test features and records how far the two paths' logits
+differ (the unflipped images'; the cache holds no flipped test features). Writes metrics/metrics.json (test accuracy, and the whole
 cell's cost: the feature cache's time plus training's), plots/data/ for `dvc plots`, and PNGs.
 """
 import time
@@ -34,7 +35,8 @@ def main():
     images, labels = data.load_split(PREPARED, "test")
     model_file, live_dir, state_key = TRAINED[p.strategy]
     trained = backbones.load_tensors(model_file)
-    network = backbones.build(p.model, p.weights, len(classes), p.data.image_size)
+    probe_layer = p.train_heads.probe_layer if p.strategy == "feature_extraction" else "penultimate"
+    network = backbones.build(p.model, p.weights, len(classes), p.data.image_size, probe_layer)
     try:
         (network.head if state_key == "head" else network.model).load_state_dict(trained[state_key])
     except (KeyError, TypeError, RuntimeError) as error:
@@ -43,26 +45,28 @@ def main():
     model = devices.maybe_compile(devices.place(network.model, device), p.compile)
 
     started = time.perf_counter()
-    batches = inputs.image_inputs(torch.from_numpy(images), network.preprocess, p.data.image_size, p.data.crop_pct,
-                                  p.evaluate.batch_size, device)
-    logits = loop.predict(model, batches, device)
+    logits = {flip: loop.predict(model, inputs.image_inputs(
+                  torch.from_numpy(images), network.preprocess, p.data.image_size, p.data.crop_pct,
+                  p.evaluate.batch_size, device, flip=flip), device)
+              for flip in ((False, True) if p.evaluate.flip else (False,))}
     seconds = time.perf_counter() - started
-    loss, accuracy = loop.loss_and_accuracy(logits, torch.from_numpy(labels))
-    predicted = logits.argmax(1).numpy()
+    averaged = sum(logits.values()) / len(logits)
+    loss, accuracy = loop.loss_and_accuracy(averaged, torch.from_numpy(labels))
+    predicted = averaged.argmax(1).numpy()
     per_class = {c: float((predicted[labels == i] == i).mean()) for i, c in enumerate(classes)}
     training = outputs.read_json(live_dir / "metrics.json")
     features = outputs.read_json(FEATURE_METRICS)["features"]
     metrics = {
         "test": {"accuracy": accuracy, "loss": loss, "images_per_s": round(len(labels) / seconds, 1),
                  "per_class_accuracy": per_class},
-        "train": {key: training[key] for key in
-                  ("time_s", "images_per_s", "trainable_params", "best_epoch", "epochs_run", "world_size")},
+        "train": {key: training[key] for key in ("time_s", "images_per_s", "trainable_params", "best_epoch",
+                                                 "epochs_run", "world_size", "probe") if key in training},
         "features": {"time_s": features["time_s"], "images_per_s": features.get("images_per_s", 0.0)},
         "total_time_s": round(features["time_s"] + training["time_s"], 2),
         "run": {"device": devices.describe(device), "cuda_visible_devices": devices.visible_gpus()},
     }
     if p.strategy == "feature_extraction":
-        metrics["cache_check"] = compare_with_cache(network.head, logits, device)
+        metrics["cache_check"] = compare_with_cache(network.head, logits[False], device)
     outputs.write_json(METRICS, metrics)
     write_plots(labels, predicted, per_class, images, classes, f"{p.model}, {p.strategy}")
     print(f"test accuracy {accuracy:.4f}, loss {loss:.4f} on {len(labels)} images ({p.model}, {p.strategy})")

@@ -80,7 +80,7 @@ def fit(model: nn.Module, param_groups: list[dict], train_batches: Callable[[tor
         generator = torch.Generator(device).manual_seed(seed * 1_000_003 + epoch)  # order, augmentation
         started = time.perf_counter()
         train_loss, train_acc = train_one_epoch(model, optimizer, scheduler, train_batches(generator),
-                                                steps_per_epoch, device, f"epoch {epoch + 1}")
+                                                steps_per_epoch, device, f"epoch {epoch + 1}", cfg.label_smoothing)
         seconds = time.perf_counter() - started
         record = {"epoch": epoch + 1, "train_loss": train_loss, "train_accuracy": train_acc, "seconds": seconds}
         if validate:
@@ -109,6 +109,8 @@ def fit(model: nn.Module, param_groups: list[dict], train_batches: Callable[[tor
                          "images_per_s": round(fitted.images_per_s, 1),
                          "trainable_params": sum(p.numel() for p in state_of.parameters() if p.requires_grad),
                          "world_size": dist.get_world_size() if dist.is_initialized() else 1})
+    if validate:
+        live.summary["best_val_accuracy"] = best_acc
     live.end()
     return fitted
 
@@ -144,7 +146,8 @@ def lr_factor(step: int, warmup_steps: int, total_steps: int, schedule: str) -> 
     return 1.0
 
 
-def train_one_epoch(model, optimizer, scheduler, batches: Batches, steps: int, device, desc: str):
+def train_one_epoch(model, optimizer, scheduler, batches: Batches, steps: int, device, desc: str,
+                    label_smoothing: float = 0.0):
     model.train()
     keep_frozen_norms_in_eval(model)
     loss_sum = torch.zeros((), device=device)
@@ -153,7 +156,7 @@ def train_one_epoch(model, optimizer, scheduler, batches: Batches, steps: int, d
     for x, y in tqdm(batches, desc=desc, total=steps, unit="batch", leave=False, mininterval=1):
         with autocast(device):
             logits = model(x)
-        loss = F.cross_entropy(logits.float(), y)
+        loss = F.cross_entropy(logits.float(), y, label_smoothing=label_smoothing)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -42,8 +42,15 @@ def empty_live(live_dir: Path) -> None:
     """What a training stage declares of DVCLive's files, for the strategy not chosen: no epochs.
     Header-only curves, so that `dvc plots` shows this stage's curves empty rather than failing."""
     fresh_folder(live_dir)
+    empty_curves(live_dir)
+    write_json(live_dir / "metrics.json", {})
+
+
+def empty_curves(live_dir: Path) -> None:
+    """Header-only train curves, if DVCLive logged none."""
     curves = live_dir / "plots" / "metrics" / "train"
+    if curves.parent.exists():
+        return
     curves.mkdir(parents=True)
     for metric in ("loss", "accuracy"):
         (curves / f"{metric}.tsv").write_text(f"step\t{metric}\n")
-    write_json(live_dir / "metrics.json", {})

@@ -92,6 +92,7 @@ class TrainParams:
     schedule: Literal["constant", "cosine"]  # per step, after the warm-up
     warmup_epochs: int  # linear warm-up from 0
     patience: Union[int, None]  # early stopping: epochs without a better val accuracy; null: never
+    label_smoothing: float  # of the training loss's targets (Szegedy et al. 2016); 0: none
 
     @property
     def section(self) -> str:
@@ -113,11 +114,20 @@ class TrainParams:
                  f"must be in [0, {section}.epochs)", self.warmup_epochs)
         _require(self.patience is None or self.patience > 0, f"{section}.patience",
                  "must be a positive integer or null", self.patience)
+        _require(0 <= self.label_smoothing < 1, f"{section}.label_smoothing", "must be in [0, 1)",
+                 self.label_smoothing)
 
 
 @dataclass(frozen=True)
 class HeadParams(TrainParams):
     trainable: Literal["last", "classifier"]  # the final Linear only, or the whole classifier
+    solver: Literal["minibatch", "lbfgs"]  # the epoch loop above, or logistic regression fitted to convergence
+    probe_layer: Literal["penultimate", "fc6", "body"]  # what the last Linear reads; fc6 and body: AlexNet, VGG
+
+    def __post_init__(self):
+        super().__post_init__()
+        _require(self.solver == "minibatch" or self.trainable == "last", "train_heads.solver",
+                 "lbfgs fits the last Linear alone: set train_heads.trainable: last", self.solver)
 
 
 @dataclass(frozen=True)
@@ -149,6 +159,7 @@ class FinetuneParams(TrainParams):
 @dataclass(frozen=True)
 class EvaluateParams:
     batch_size: int
+    flip: bool  # average the logits of each test image and its mirror image
 
     def __post_init__(self):
         _require(self.batch_size > 0, "evaluate.batch_size", "must be positive", self.batch_size)
@@ -180,7 +191,13 @@ class Params:
         stored = self.data.stored_size or (None if self.data.source == "imagefolder" else 32)
         _require(stored is None or self.finetune.crop_padding < stored, "finetune.crop_padding",
                  f"must be below the stored image size, {stored} px", self.finetune.crop_padding)
+        _require(self.train_heads.probe_layer == "penultimate" or self.model == "alexnet"
+                 or self.model.startswith("vgg"), "train_heads.probe_layer",
+                 "fc6 and body need AlexNet's or VGG's classifier: use penultimate", self.train_heads.probe_layer)
         if not self.data.has_validation:
+            _require(self.train_heads.solver == "minibatch", "train_heads.solver",
+                     "lbfgs chooses its L2 strength on a validation split: set data.val_fraction above 0",
+                     self.train_heads.solver)
             for train in (self.train_heads, self.finetune):
                 _require(train.patience is None, f"{train.section}.patience",
                          "needs a validation split: set data.val_fraction above 0, or patience: null", train.patience)

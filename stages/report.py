@@ -7,7 +7,8 @@ Reads `dvc exp show --json` only: each experiment's state (queued, running, fail
 its params.yaml and metrics/metrics.json as DVC committed them, and for a failure the last error
 line of the log that DVC names. One row per set of params but the seed, so that runs made under
 different settings never average together; a column names the settings that differ between the
-rows. Writes study/results.{md,csv} and study/accuracy.png.
+rows. Writes study/results.{md,csv}, study/accuracy.png (a bar per row) and study/cost_accuracy.png
+(test accuracy against each row's whole cost).
 """
 import argparse
 import json
@@ -36,6 +37,7 @@ PUBLISHED = {("alexnet", "feature_extraction"): 0.8132, ("alexnet", "finetune"):
 PREFERENCE = ("success", "running", "queued", "failed")
 EXP_SHOW_TIMEOUT_S = 60  # it takes seconds, a few tens under load
 EXP_SHOW_TRIES = 3
+STRATEGY_SHORT = {"feature_extraction": "feature extraction", "finetune": "fine-tuning"}
 NOT_RUN = "not run: "  # starts the error of a run that never started: queued, running, lost before its start
 
 
@@ -268,7 +270,8 @@ def write_report(table: pd.DataFrame, records: list[dict], folder: Path = OUT) -
         "and image size, else why it does not compare. time_s: the whole cost of a run, feature cache "
         "+ training.\n\n"
         f"{markdown}\n\n## Provenance\n{provenance(records)}\n")
-    study_bars(table, folder / "accuracy.png")
+    _save(study_bars(table), folder / "accuracy.png")
+    _save(cost_accuracy(table), folder / "cost_accuracy.png")
 
 
 def _mean_std(mean, std, count, failed) -> str:
@@ -283,21 +286,56 @@ def _time(total, features, train) -> str:
     return f"{total:.1f}" if pd.isna(features) or pd.isna(train) else f"{total:.1f} ({features:.1f} + {train:.1f})"
 
 
-def study_bars(table: pd.DataFrame, path: Path) -> None:
+def study_bars(table: pd.DataFrame) -> plt.Figure:
     """Test accuracy per row of the table, with the std over seeds and the published numbers."""
     fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(table)), 4.8))
     x = np.arange(len(table))
     ax.bar(x, table["accuracy_mean"], yerr=table["accuracy_std"].fillna(0), capsize=4, label="this run")
     comparable = table["published_accuracy"].notna().to_numpy()
-    ax.scatter(x[comparable], table["published_accuracy"][comparable], marker="_", s=900, color="black",
-               zorder=3, label="published study")
+    if comparable.any():
+        ax.scatter(x[comparable], table["published_accuracy"][comparable], marker="_", s=900, color="black",
+                   zorder=3, label="published study")
     for i in np.flatnonzero(table["accuracy_mean"].isna().to_numpy()):
         ax.text(x[i], 0.02, "failed" if table["failed"].iloc[i] else "not run", color="red", ha="center")
     ax.set_xticks(x, [f"{m}\n{s}\n{p}" + (f"\n{st}" if st else "") for m, s, p, st in
                       zip(table["model"], table["strategy"], table["protocol"], table["settings"])], fontsize=8)
     ax.set(ylabel="test accuracy", ylim=(0, 1), title="Test accuracy by model, strategy and settings")
     ax.grid(axis="y", alpha=0.3)
-    ax.legend(loc="lower right")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), borderaxespad=0)  # beside the bars, never on them
+    return fig
+
+
+def cost_accuracy(table: pd.DataFrame) -> plt.Figure:
+    """Test accuracy against each row's whole cost (feature cache + training), one labelled point
+    per row: colour for the protocol, marker for the strategy, bars for the std over seeds."""
+    shown = table[table["accuracy_mean"].notna() & table["total_time_s"].notna()]
+    fig, ax = plt.subplots(figsize=(8.5, 5))
+    protocols = list(dict.fromkeys(shown["protocol"]))
+    colours = {name: plt.get_cmap("tab10")(i) for i, name in enumerate(protocols)}
+    markers = {"feature_extraction": "o", "finetune": "s"}
+    for row in shown.itertuples():
+        ax.errorbar(row.total_time_s, row.accuracy_mean, yerr=0 if pd.isna(row.accuracy_std) else row.accuracy_std,
+                    fmt=markers.get(row.strategy, "D"), color=colours[row.protocol], markersize=8, capsize=3)
+        ax.annotate(f"{row.model.removeprefix('timm/')}\n{STRATEGY_SHORT.get(row.strategy, row.strategy)}, "
+                    f"{row.protocol}", (row.total_time_s, row.accuracy_mean), xytext=(6, 4),
+                    textcoords="offset points", fontsize=7)
+    ax.margins(x=0.25, y=0.15)
+    if len(shown) and shown["total_time_s"].max() > 10 * shown["total_time_s"].min():
+        ax.set_xscale("log")
+    else:
+        ax.set_xlim(left=0)
+    handles = [plt.Line2D([], [], color=colours[p], marker="o", linestyle="", label=p) for p in protocols]
+    handles += [plt.Line2D([], [], color="grey", marker=markers.get(s, "D"), linestyle="",
+                           label=STRATEGY_SHORT.get(s, s)) for s in dict.fromkeys(shown["strategy"])]
+    if handles:
+        ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1), borderaxespad=0)
+    ax.set(xlabel="whole cost of a run (s): feature cache + training", ylabel="test accuracy",
+           title="What each protocol buys: test accuracy against cost")
+    ax.grid(alpha=0.3)
+    return fig
+
+
+def _save(fig, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -5,37 +5,48 @@
 The head is the backbone's own classifier with a new last Linear. train_heads.trainable: last
 trains only that Linear, as the study's notebook did: FC6 and FC7 of AlexNet and VGG16 keep
 their ImageNet values, and their Dropout stays active in training. `classifier` trains all of
-it. Flipped-image features (features.flip) stand in for augmentation. Writes
-models/train_heads/model.pt (the best epoch by val accuracy, or the last one without a
-validation split) and DVCLive's record to live/train_heads/.
+it. Flipped-image features (features.flip) stand in for augmentation. train_heads.solver: lbfgs
+fits the last Linear as a linear probe instead (stages/probe.py): logistic regression to
+convergence, its L2 strength chosen on the validation split, then refitted on train + val;
+the standardisation of the features is folded into the saved Linear. Writes
+models/train_heads/model.pt (the best epoch by val accuracy, the last one without a
+validation split, or the probe) and DVCLive's record to live/train_heads/.
 """
+import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from dvclive import Live
+from torch import nn
 
-from stages import backbones, data, device as devices, inputs, loop, outputs, params
+from stages import backbones, data, device as devices, inputs, loop, outputs, params, probe
 from stages.errors import run_stage
 
 PREPARED = Path("data/prepared")
 FEATURES = Path("data/features")
 OUT = Path("models/train_heads")
 LIVE = Path("live/train_heads")
+L2_SEARCH = LIVE / "plots" / "custom" / "l2_search.json"  # validation accuracy per L2 strength (dvc.yaml)
 
 
 def main():
     p = params.load()
     if not outputs.chosen_strategy(OUT, p.strategy, "feature_extraction"):
         outputs.empty_live(LIVE)
+        outputs.write_json(L2_SEARCH, [])
         return
     cfg = p.train_heads
     device = devices.setup(p.device, p.seed)
-    network = backbones.build(p.model, p.weights, data.num_classes(PREPARED))
+    network = backbones.build(p.model, p.weights, data.num_classes(PREPARED), probe_layer=cfg.probe_layer)
     backbones.set_head_trainable(network, cfg.trainable)
     head = network.head.to(device)
     features = {name: load_features(FEATURES / f"{name}.npy", device)
                 for name in ("train", "train_flip", "val") if (FEATURES / f"{name}.npy").exists()}
     labels = {name: inputs.to_device(data.load_split(PREPARED, name)[1], device) for name in ("train", "val")}
+    if cfg.solver == "lbfgs":
+        fit_probe(head, features, labels, data.num_classes(PREPARED))
+        return
 
     def train_batches(generator):
         return feature_batches(features["train"], features.get("train_flip"), labels["train"], cfg.batch_size,
@@ -49,6 +60,49 @@ def main():
     fitted = loop.fit(head, [{"params": trainable, "lr": cfg.lr}], train_batches, len(labels["train"]),
                       validate if len(labels["val"]) else None, cfg, p.seed, device, LIVE)
     loop.save_trained(OUT / "model.pt", fitted, "head")
+    outputs.write_json(L2_SEARCH, [])
+
+
+def fit_probe(head: nn.Module, features: dict, labels: dict, classes: int) -> None:
+    """The head's last Linear as a linear probe on what the rest of the head makes of the features."""
+    started = time.perf_counter()
+    frozen, last = (head[:-1], head[-1]) if isinstance(head, nn.Sequential) else (nn.Identity(), head)
+    flipped = ["train_flip"] if "train_flip" in features else []
+    device = labels["train"].device
+    train_x = torch.cat([probe_inputs(frozen, features[name], device) for name in ["train", *flipped]])
+    train_y = labels["train"].repeat(1 + len(flipped))
+    val_x, val_y = probe_inputs(frozen, features["val"], device), labels["val"]
+    standardise = probe.Standardiser.of(train_x)
+    train_x, val_x = standardise(train_x), standardise(val_x)
+    search, chosen = probe.search_l2(train_x, train_y, val_x, val_y, classes)
+    l2 = 10.0 ** chosen["log10_l2"]
+    weight, bias, iterations = probe.fit(torch.cat([train_x, val_x]), torch.cat([train_y, val_y]), l2, classes)
+    weight, bias = standardise.fold(weight, bias)
+    with torch.no_grad():
+        last.weight.copy_(weight)
+        last.bias.copy_(bias)
+    torch.save({"head": {k: v.cpu() for k, v in head.state_dict().items()}, "l2": l2}, OUT / "model.pt")
+    seconds = time.perf_counter() - started
+    live = Live(str(LIVE), save_dvc_exp=False, dvcyaml=None, report=None)
+    live.log_plot("l2_search", search, x="log10_l2", y="val_accuracy", template="linear",
+                  title="Linear probe: validation accuracy per L2 strength", x_label="log10 of the L2 strength",
+                  y_label="validation accuracy")
+    live.summary.update({"time_s": round(seconds, 2), "images_per_s": round(len(train_y) / seconds, 1),
+                         "trainable_params": last.weight.numel() + last.bias.numel(), "world_size": 1,
+                         "best_val_accuracy": chosen["val_accuracy"],
+                         "probe": {"l2": l2, "log10_l2": chosen["log10_l2"], "fits": len(search) + 1,
+                                   "refit_iterations": iterations}})
+    live.end()
+    outputs.empty_curves(LIVE)  # no epochs: the per-epoch curves that dvc.yaml declares stay empty
+    print(f"linear probe: L2 strength {l2:.3g} (val accuracy {chosen['val_accuracy']:.4f}, {len(search)} fits), "
+          f"refitted on train + val in {iterations} iterations; {seconds:.1f} s")
+
+
+@torch.no_grad()
+def probe_inputs(frozen: nn.Module, features: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """float32 inputs of the last Linear: the frozen rest of the head (FC6, FC7) in eval mode, on the device."""
+    frozen.eval()
+    return torch.cat([frozen(x.to(device).float()) for x in features.split(4096)])
 
 
 def load_features(path: Path, device: torch.device) -> torch.Tensor:

@@ -286,3 +286,27 @@ def test_each_gpu_runs_one_experiment_at_a_time_two_gpus_two_at_once_under_a_pro
     overlap = [(a, b) for i, a in enumerate(runs) for b in runs[i + 1:]
                if a["started"] < b["ended"] and b["started"] < a["ended"]]
     assert overlap and all(a["cuda_visible_devices"] != b["cuda_visible_devices"] for a, b in overlap)
+
+
+def legend_beside_the_axes(fig) -> list[str]:
+    """The legend's labels, after checking that it lies right of the axes, where it covers no data."""
+    fig.canvas.draw()
+    ax = fig.axes[0]
+    legend = ax.get_legend()
+    assert legend.get_window_extent().x0 >= ax.get_window_extent().x1
+    return [text.get_text() for text in legend.get_texts()]
+
+
+def test_the_cost_figure_has_a_labelled_point_per_row_and_a_legend_of_what_is_drawn(tmp_path):
+    records = [fake(accuracy=0.7, **{**protocols.overrides(name), "model": "timm/tf_efficientnet_lite0"},
+                    strategy=strategy) for name in ("notebook", "readme", "best")
+               for strategy in ("feature_extraction", "finetune")]
+    table = report.results_table(records)
+    fig = report.cost_accuracy(table)
+    labels = [text.get_text() for text in fig.axes[0].texts]
+    assert len(labels) == 6 and "tf_efficientnet_lite0\nfine-tuning, best" in labels
+    assert sorted(legend_beside_the_axes(fig)) == sorted(["notebook", "readme", "best", "feature extraction",
+                                                          "fine-tuning"])
+    assert legend_beside_the_axes(report.study_bars(table)) == ["this run"]  # nothing published compares
+    report.write_report(table, records, tmp_path)
+    assert (tmp_path / "cost_accuracy.png").stat().st_size > 10_000
