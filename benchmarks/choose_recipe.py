@@ -2,8 +2,10 @@
 
     python -m benchmarks.choose_recipe finetune --root /tmp/cifar500 \\
         --model timm/tf_efficientnet_lite0 --weights ../shared/weights/tf_efficientnet_lite0.in1k.pth
-    python -m benchmarks.choose_recipe probe --root /tmp/cifar500 --model alexnet --weights none
-    python -m benchmarks.choose_recipe finetune --only sgd-nesterov,no-smoothing   # some candidates
+    python -m benchmarks.choose_recipe probe --root /tmp/cifar500 --model timm/tf_efficientnet_lite0 \\
+        --weights ../shared/weights/tf_efficientnet_lite0.in1k.pth --only penultimate,no-flipped-features,crop-0.875
+    python -m benchmarks.choose_recipe probe --model alexnet --weights imagenet \\
+        --image-size 224 --only penultimate,fc6,body                   # which layer feeds AlexNet's probe
 
 Each candidate is the `best` protocol (stages/protocols.yaml) with a few overrides, run by the
 stages themselves (prepare-data once, then cache-features and train-heads, or finetune) in a
@@ -32,11 +34,15 @@ FINETUNE_CANDIDATES = {  # on top of protocols.yaml's `best`
               "finetune.backbone_lr": 3e-4, "finetune.weight_decay": 0.05},
     "backbone-lr-0.02": {"finetune.backbone_lr": 0.02, "finetune.lr": 0.1},
     "last-2-blocks": {"finetune.unfreeze": 2},
+    "10-epochs": {"finetune.epochs": 10},
+    "readme-protocol": {k: v for k, v in protocols.overrides("readme").items() if k.startswith("finetune.")},
 }
-PROBE_CANDIDATES = {  # the layer that feeds the probe, for AlexNet and VGG16
-    "body": {"train_heads.probe_layer": "body"},
+PROBE_CANDIDATES = {  # on top of `best`; fc6 and body only for AlexNet and VGG16
+    "penultimate": {},
+    "no-flipped-features": {"features.flip": False},
+    "crop-0.875": {"data.crop_pct": 0.875},
     "fc6": {"train_heads.probe_layer": "fc6"},
-    "fc7": {"train_heads.probe_layer": "fc7"},
+    "body": {"train_heads.probe_layer": "body"},
 }
 
 
@@ -78,7 +84,7 @@ def run_candidate(scratch: Path, prepared: Path | None, params: dict, strategy: 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("strategy", choices=["finetune", "probe"])
-    parser.add_argument("--root", required=True, help="an image folder with train/ and test/")
+    parser.add_argument("--root", help="an image folder with train/ and test/; default: CIFAR-10 in data/raw")
     parser.add_argument("--model", default="timm/tf_efficientnet_lite0")
     parser.add_argument("--weights", default="none")
     parser.add_argument("--image-size", type=int, default=96)
@@ -88,9 +94,10 @@ def main():
     chosen = args.only.split(",") if args.only else list(candidates)
     base = yaml.safe_load((REPO / "params.yaml").read_text())
     set_dotted(base, protocols.overrides("best"))
-    set_dotted(base, {"model": args.model, "weights": str(Path(args.weights).resolve()) if args.weights != "none"
-                      else "none", "data.source": "imagefolder", "data.root": str(Path(args.root).resolve()),
-                      "data.image_size": args.image_size,
+    set_dotted(base, {"model": args.model, "data.image_size": args.image_size,
+                      "weights": str(Path(args.weights).resolve()) if Path(args.weights).is_file() else args.weights,
+                      "data.source": "imagefolder" if args.root else "cifar10",
+                      "data.root": str(Path(args.root or "data/raw").resolve()),
                       "strategy": "finetune" if args.strategy == "finetune" else "feature_extraction"})
     rows, prepared = [], None
     with tempfile.TemporaryDirectory() as scratch:

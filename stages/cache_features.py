@@ -28,6 +28,8 @@ IN_FLIGHT = 3  # batches whose copy to the host and disk write may still be runn
 
 def main():
     p = params.load()
+    if p.strategy == "feature_extraction":
+        outputs.require(PREPARED / "manifest.json")
     if not outputs.chosen_strategy(OUT, p.strategy, "feature_extraction"):
         outputs.write_json(METRICS, {"features": {"time_s": 0.0, "vectors": 0}})
         return

@@ -30,10 +30,12 @@ MIN_AGREEMENT = 0.95  # a stale cache agrees far less; bf16 on the GPU flips a f
 
 def main():
     p = params.load()
+    model_file, live_dir, state_key = TRAINED[p.strategy]
+    outputs.require(PREPARED / "manifest.json", model_file, live_dir / "metrics.json", FEATURE_METRICS,
+                    *([FEATURES / "manifest.json"] if p.strategy == "feature_extraction" else []))
     device = devices.setup(p.device)
     classes = data.load_manifest(PREPARED)["classes"]
     images, labels = data.load_split(PREPARED, "test")
-    model_file, live_dir, state_key = TRAINED[p.strategy]
     trained = backbones.load_tensors(model_file)
     probe_layer = p.train_heads.probe_layer if p.strategy == "feature_extraction" else "penultimate"
     network = backbones.build(p.model, p.weights, len(classes), p.data.image_size, probe_layer)

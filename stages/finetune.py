@@ -40,6 +40,8 @@ CHECKPOINTS = Path(".checkpoints/finetune")
 def main():
     p = params.load()
     cfg = p.finetune
+    if p.strategy == "finetune":
+        outputs.require(PREPARED / "manifest.json")
     if p.strategy == "finetune" and cfg.processes > 1 and not devices.under_torchrun():
         relaunch_under_torchrun(cfg.processes)
     device = devices.setup_processes(p.device, p.seed)

@@ -8,6 +8,12 @@ import os
 import shutil
 from pathlib import Path
 
+from stages.errors import UserError
+
+MADE_BY = {"data/inputs": "check-inputs", "data/prepared": "prepare-data", "data/features": "cache-features",
+           "metrics/features.json": "cache-features", "models/train_heads": "train-heads",
+           "live/train_heads": "train-heads", "models/finetune": "finetune", "live/finetune": "finetune"}
+
 
 def fresh_folder(folder: Path) -> Path:
     """An empty folder at `folder`: whatever was there (files linked into DVC's cache) is unlinked."""
@@ -54,3 +60,11 @@ def empty_curves(live_dir: Path) -> None:
     curves.mkdir(parents=True)
     for metric in ("loss", "accuracy"):
         (curves / f"{metric}.tsv").write_text(f"step\t{metric}\n")
+
+
+def require(*paths: Path) -> None:
+    """A stage run by hand before the stages that make its inputs: one line naming the file and the command."""
+    for path in paths:
+        if not path.exists():
+            stage = next(made_by for prefix, made_by in MADE_BY.items() if path.as_posix().startswith(prefix))
+            raise UserError(f"{path} is missing: `dvc repro {stage}` makes it (and what it needs)")

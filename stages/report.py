@@ -14,6 +14,7 @@ import argparse
 import json
 import subprocess
 import tempfile
+import time
 from collections import defaultdict
 from pathlib import Path
 
@@ -36,9 +37,14 @@ PUBLISHED = {("alexnet", "feature_extraction"): 0.8132, ("alexnet", "finetune"):
 # A state is worth waiting for, done, or neither; success first when several runs share params.
 PREFERENCE = ("success", "running", "queued", "failed")
 EXP_SHOW_TIMEOUT_S = 60  # it takes seconds, a few tens under load
-EXP_SHOW_TRIES = 3
+EXP_SHOW_TRIES = 3  # hangs in a row before giving up
+EXP_SHOW_FAILING_S = 60  # a failing read (a queue worker removing its folder meanwhile) is asked again this long
 STRATEGY_SHORT = {"feature_extraction": "feature extraction", "finetune": "fine-tuning"}
 NOT_RUN = "not run: "  # starts the error of a run that never started: queued, running, lost before its start
+
+
+class DvcFailed(SystemExit):
+    """A DVC command exited non-zero: its message is one line naming the command and DVC's last words."""
 
 
 def dvc(*args: str, env: dict | None = None, timeout: float | None = None) -> str:
@@ -55,20 +61,29 @@ def dvc(*args: str, env: dict | None = None, timeout: float | None = None) -> st
         err.seek(0)
         if code != 0:
             last = (err.read().strip().splitlines() or ["no output"])[-1]
-            raise SystemExit(f"error: `dvc {' '.join(args)}` failed with exit code {code}: {last}")
+            raise DvcFailed(f"error: `dvc {' '.join(args)}` failed with exit code {code}: {last}")
         return out.read()
 
 
 def exp_show() -> list[dict]:
-    """`dvc exp show --json`, asked again when it hangs: reading an experiment that finishes
-    meanwhile can block it for good (pygit2's blob reader waits on a thread that has died)."""
-    for _ in range(EXP_SHOW_TRIES):
+    """`dvc exp show --json`, asked again when it hangs (reading an experiment that finishes
+    meanwhile can block it for good: pygit2's blob reader waits on a thread that has died) or
+    fails (observed: "failed to show experiments - directory '.dvc/tmp/exps/...'" while a queue
+    worker cleaned up), after 1, 2, 4, ... s, until it has failed for EXP_SHOW_FAILING_S."""
+    hangs, failing_s, wait = 0, 0.0, 1.0
+    while True:
         try:
             return json.loads(dvc("exp", "show", "--json", timeout=EXP_SHOW_TIMEOUT_S))
         except subprocess.TimeoutExpired:
-            continue
-    raise SystemExit(f"error: `dvc exp show --json` did not finish in {EXP_SHOW_TIMEOUT_S} s, "
-                     f"{EXP_SHOW_TRIES} times over")
+            hangs += 1
+            if hangs == EXP_SHOW_TRIES:
+                raise SystemExit(f"error: `dvc exp show --json` did not finish in {EXP_SHOW_TIMEOUT_S} s, "
+                                 f"{EXP_SHOW_TRIES} times over") from None
+        except DvcFailed as failure:
+            if failing_s >= EXP_SHOW_FAILING_S:
+                raise SystemExit(f"{failure} (still, after {failing_s:.0f} s of asking again)") from None
+            time.sleep(wait)
+            failing_s, wait = failing_s + wait, min(2 * wait, 15.0)
 
 
 def workspace_params(shown: list[dict]) -> dict:

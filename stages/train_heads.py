@@ -32,6 +32,8 @@ L2_SEARCH = LIVE / "plots" / "custom" / "l2_search.json"  # validation accuracy 
 
 def main():
     p = params.load()
+    if p.strategy == "feature_extraction":
+        outputs.require(PREPARED / "manifest.json", FEATURES / "manifest.json")
     if not outputs.chosen_strategy(OUT, p.strategy, "feature_extraction"):
         outputs.empty_live(LIVE)
         outputs.write_json(L2_SEARCH, [])

@@ -22,7 +22,7 @@ def test_the_committed_params_are_valid_and_are_the_notebook_protocol():
 
 def test_every_protocol_sets_the_same_keys_and_each_is_valid(project):
     keys = {name: set(settings) for name, settings in protocols.PROTOCOLS.items()}
-    assert keys["notebook"] == keys["readme"]
+    assert keys["notebook"] == keys["readme"] == keys["best"]
     for name in protocols.PROTOCOLS:
         set_params(project / "params.yaml", protocols.overrides(name))
         assert protocols.protocol_of(yaml.safe_load((project / "params.yaml").read_text())) == name
@@ -61,6 +61,9 @@ def stage_in_fresh_python(code: str) -> str:
     ({"strategy": "finetuning"}, "strategy must be one of feature_extraction, finetune"),
     ({"data.limit_per_class": 0}, "data.limit_per_class must be a positive integer or null"),
     ({"seed": 1.5}, "seed must be an integer"),
+    ({"finetune.label_smoothing": 1.0}, "finetune.label_smoothing must be in [0, 1)"),
+    ({"train_heads.solver": "newton"}, "train_heads.solver must be one of minibatch, lbfgs"),
+    ({"evaluate.flip": "both"}, "evaluate.flip must be true or false"),
 ])
 def test_a_bad_value_names_its_key_and_how_to_restore_the_file(project, changes, message):
     set_params(project / "params.yaml", changes)

@@ -212,3 +212,18 @@ def test_finetune_under_torchrun_with_two_processes_resumes_after_kill_9(dvc_pro
     ft = metrics(dvc_project)
     assert ft["train"]["world_size"] == 2 and ft["train"]["epochs_run"] == 3
     assert ft["test"]["accuracy"] > 2 * CHANCE
+
+
+def test_a_stage_run_by_hand_before_its_inputs_exist_names_the_missing_file_and_its_command(project):
+    def refused(name: str, strategy: str = "feature_extraction") -> str:
+        set_params(project / "params.yaml", {**FAST, "strategy": strategy})
+        result = stage(name, check=False)
+        assert result.returncode == 2 and result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+        return result.stderr
+
+    for name in ("cache_features", "train_heads", "evaluate"):
+        assert refused(name).startswith("error: data/prepared/manifest.json is missing: `dvc repro prepare-data`")
+    assert "data/prepared/manifest.json is missing" in refused("finetune", "finetune")
+    stage("prepare_data")
+    assert "data/features/manifest.json is missing: `dvc repro cache-features`" in refused("train_heads")
+    assert "models/finetune/model.pt is missing: `dvc repro finetune`" in refused("evaluate", "finetune")

@@ -219,6 +219,26 @@ def test_a_hung_dvc_exp_show_is_asked_again_then_stops_with_one_line(monkeypatch
         report.exp_show()
 
 
+def test_a_failed_read_of_dvcs_state_is_asked_again_and_only_a_sustained_failure_stops(monkeypatch):
+    failure = report.DvcFailed("error: `dvc exp show --json` failed with exit code 255: failed to show experiments")
+    answers = ["[]", failure]  # popped from the end: one failure, then an answer
+    waits = []
+
+    def dvc(*args, timeout=None):
+        answer = answers.pop()
+        if isinstance(answer, BaseException):
+            raise answer
+        return answer
+
+    monkeypatch.setattr(report, "dvc", dvc)
+    monkeypatch.setattr(report.time, "sleep", waits.append)
+    assert report.exp_show() == [] and waits == [1.0]
+    answers.extend([failure] * 20)
+    with pytest.raises(SystemExit, match=r"^error: `dvc exp show --json` failed .* \(still, after 60 s of asking again\)$"):
+        report.exp_show()
+    assert waits[1:] == [1.0, 2.0, 4.0, 8.0, 15.0, 15.0, 15.0]
+
+
 def shown_experiments() -> list[dict]:
     return json.loads(run("dvc", "exp", "show", "--json").stdout)[1]["experiments"] or []
 
