@@ -70,7 +70,8 @@ def _network(name: str, pretrained: bool):
 
 
 def check_image_size(name: str, size: int) -> None:
-    """Runs the body on the meta device (no memory, no compute): too small a size is a user error."""
+    """Runs the body on the meta device (no memory, no compute): too small a size is a user error.
+    In eval mode, so that BatchNorm judges the size, not the probe's batch of one."""
     def works(side: int) -> bool:
         try:
             body(torch.empty(1, 3, side, side, device="meta"))
@@ -79,7 +80,7 @@ def check_image_size(name: str, size: int) -> None:
             return False
 
     with torch.device("meta"):
-        body = _split(_network(name, pretrained=False)[0], 2, None).body
+        body = _split(_network(name, pretrained=False)[0], 2, None).body.eval()
     if not works(size):
         smallest = next((side for side in range(size + 1, 1025) if works(side)), None)
         raise UserError(f"params.yaml: data.image_size {size} is too small for {name}: "

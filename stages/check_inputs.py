@@ -21,25 +21,31 @@ from stages import outputs, params
 from stages.errors import run_stage
 
 OUT = Path("data/inputs")
-KNOWN_MODELS = Path(".dvc/tmp/known_models.json")  # model names already checked, per registry version
+KNOWN_MODELS = Path(".dvc/tmp/known_models.json")  # model names and image sizes already checked, per registry version
 
 
 def main():
     p = params.load()
-    check_model(p.model)
+    check_model(p.model, p.data.image_size)
     outputs.write_json(OUT / "source.json", source_fingerprint(p.data))
     outputs.write_json(OUT / "weights.json", weights_fingerprint(p.model, p.weights))
 
 
-def check_model(name: str) -> None:
-    """params.check_model_name imports the model registries (seconds); a name passes once per version."""
+def check_model(name: str, image_size: int) -> None:
+    """The model's name (params.check_model_name imports the model registries: seconds) and that
+    its body takes images of `image_size` (built on the meta device: seconds too), each once per
+    registry version: what passed is remembered in KNOWN_MODELS."""
     registries = f"torchvision {version('torchvision')}, timm {version('timm')}"
     known = outputs.read_json(KNOWN_MODELS) if KNOWN_MODELS.exists() else {}
-    if name in known.get(registries, []):
+    sizes = known.get(registries) if isinstance(known.get(registries), dict) else {}
+    if image_size in sizes.get(name, []):
         return
-    params.check_model_name(name)
+    if name not in sizes:
+        params.check_model_name(name)
+    from stages import backbones  # torch, only when a model or size is new
+    backbones.check_image_size(name, image_size)
     if KNOWN_MODELS.parent.parent.is_dir():
-        outputs.write_json(KNOWN_MODELS, {registries: sorted({*known.get(registries, []), name})})
+        outputs.write_json(KNOWN_MODELS, {registries: {**sizes, name: sorted({*sizes.get(name, []), image_size})}})
 
 
 def source_fingerprint(data: params.DataParams) -> dict:

@@ -45,7 +45,7 @@ def test_dvc_exp_run_prepare_data_on_the_synthetic_source(dvc_project):
 
 def test_a_bad_param_stops_dvc_before_any_output_is_removed(dvc_project):
     run("dvc", "exp", "run", "prepare-data", "-S", "data.source=synthetic")
-    for bad in ("data.val_fraction=1.5", "model=alexnot"):
+    for bad in ("data.val_fraction=1.5", "model=alexnot", "data.image_size=32"):
         result = run("dvc", "exp", "run", "prepare-data", "-S", bad, check=False)
         assert result.returncode != 0 and "error: params.yaml: " in result.stderr + result.stdout
         assert "Traceback" not in result.stderr + result.stdout
