@@ -23,6 +23,8 @@ experiments run in another folder.
 import argparse
 import os
 import re
+import signal
+import sys
 import time
 from pathlib import Path
 
@@ -263,6 +265,25 @@ def alive(pid: int | None) -> bool:
     return True
 
 
+def stop(names: list[str]) -> None:
+    """Ctrl-C: this study's running experiments killed, its queued ones removed, the queue's workers
+    stopped, so that nothing it started goes on; then exit 130. Finished experiments stay, and the
+    killed ones count as failed, so the same command run again resumes with what is left."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not leave the queue half-stopped
+    print("interrupted: stopping this study's experiments and the queue's workers ...", file=sys.stderr, flush=True)
+    states, _ = experiment_states(names)
+    queued = [name for name, state in states.items() if state == "queued"]
+    running = [name for name, state in states.items() if state == "running"]
+    if queued:
+        dvc("queue", "remove", *queued)
+    if running:
+        dvc("queue", "kill", "--force", *running)
+    dvc("queue", "stop")
+    print(f"stopped: {len(running)} running experiment(s) killed and {len(queued)} queued one(s) removed; "
+          "run the same command again to resume (finished cells are not run again)", file=sys.stderr)
+    sys.exit(130)
+
+
 def record_for(cell: dict, workspace: dict, records: list[dict]) -> dict:
     """The cell's best experiment (report.best); a cell with none keeps its row, not run."""
     found = matching(cell, workspace, records)
@@ -289,13 +310,16 @@ def main():
     print(f"{share}{len(done)} of {len(mine)} experiments already done; queueing {len(todo)}"
           + (f"; waiting for {len(pending)} already queued or running" if pending else ""))
     prefix = time.strftime("study-%Y%m%d-%H%M%S")  # names stay unique when the study runs again
-    if todo:
-        queue(todo, args, prefix)
-    names = ours(report.experiments(report.exp_show()), prefix, pending, workspace)
-    if names:
-        print(f"running on {'; '.join(f'GPU {g}' for g in gpus) or 'one worker, no GPU'}")
-        run_queue(names, gpus)
-        dvc("queue", "remove", "--success")  # the experiments stay in `dvc exp show`; only the queue's list clears
+    try:
+        if todo:
+            queue(todo, args, prefix)
+        names = ours(report.experiments(report.exp_show()), prefix, pending, workspace)
+        if names:
+            print(f"running on {'; '.join(f'GPU {g}' for g in gpus) or 'one worker, no GPU'}")
+            run_queue(names, gpus)
+            dvc("queue", "remove", "--success")  # the experiments stay in `dvc exp show`; only the queue's list clears
+    except KeyboardInterrupt:
+        stop(ours(report.experiments(report.exp_show()), prefix, pending, workspace))
 
     finished = report.experiments(report.exp_show())
     records = [record_for(cell, workspace, finished) for cell in mine]

@@ -1,8 +1,10 @@
 """The study: its grid, shards and flags, the like-for-like report, and DVC's queue end to end."""
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -330,3 +332,49 @@ def test_the_cost_figure_has_a_labelled_point_per_row_and_a_legend_of_what_is_dr
     assert legend_beside_the_axes(report.study_bars(table)) == ["this run"]  # nothing published compares
     report.write_report(table, records, tmp_path)
     assert (tmp_path / "cost_accuracy.png").stat().st_size > 10_000
+
+
+def processes_in(folder: Path) -> list[str]:
+    """The command lines of the processes whose working directory lies in `folder` (DVC's workers and
+    the experiments they run in .dvc/tmp/exps/)."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if os.readlink(f"/proc/{pid}/cwd").startswith(str(folder)) and int(pid) != os.getpid():
+                found.append(Path(f"/proc/{pid}/cmdline").read_text().replace("\0", " "))
+        except OSError:
+            continue
+    return found
+
+
+def test_ctrl_c_stops_what_the_study_started_and_a_rerun_finishes_the_grid_without_redoing_cells(dvc_project):
+    started = dvc_project.parent / "started.log"
+    (dvc_project / "fake_stage.py").write_text(FAKE_STAGE.replace(
+        "started = time.time()", f"started = time.time()\nopen({str(started)!r}, 'a').write(params['model'] + '\\n')"))
+    (dvc_project / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"fake": {
+        "cmd": "python fake_stage.py", "deps": ["fake_stage.py"], "params": ["model", "strategy", "seed"],
+        "metrics": [{"metrics/metrics.json": {"cache": False}}]}}}))
+    run("git", "add", "-A")
+    run("git", "commit", "-qm", "a stage that sleeps")
+    command = [sys.executable, "-m", "stages.study", "--models", "a,b,c", "--strategies", "finetune"]
+    study_process = subprocess.Popen(command, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     text=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and (not started.exists() or len(started.read_text().split()) < 2):
+        time.sleep(1)  # one cell done, the second running
+    os.killpg(study_process.pid, signal.SIGINT)  # what a terminal's Ctrl-C does
+    out, err = study_process.communicate(timeout=120)
+    assert study_process.returncode == 130, err
+    assert "run the same command again to resume" in err.strip().splitlines()[-1]
+    time.sleep(5)
+    assert processes_in(dvc_project) == []
+    done_before = [e for e in shown_experiments() if not e["revs"][0]["error"] and e.get("executor") is None
+                   or (e.get("executor") or {}).get("state") == "success"]
+    ran_before = started.read_text().split()
+
+    again = run(*command)
+    assert f"{len(done_before)} of 3 experiments already done" in again.stdout and len(done_before) >= 1
+    assert len(pd.read_csv(dvc_project / "study/results.csv")) == 3
+    ran_after = started.read_text().split()[len(ran_before):]
+    finished = {e["revs"][0]["data"]["params"]["params.yaml"]["data"]["model"] for e in done_before}
+    assert not finished & set(ran_after) and set(ran_after) | finished == {"a", "b", "c"}
