@@ -45,7 +45,7 @@ class Standardiser:
 
 def fit(x: torch.Tensor, y: torch.Tensor, l2: float, classes: int,
         start: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """(weight C×D, bias C, iterations) minimising the summed cross-entropy + l2/2 |W|²,
+    """(weight C×D, bias C, evaluations of the objective: the fit's cost) minimising the summed cross-entropy + l2/2 |W|²,
     from `start` (a warm start) or zeros. The objective is divided by the number of rows, which
     leaves its minimum where it is and keeps the gradient's scale independent of the data's size."""
     weight = (start[0].clone() if start else torch.zeros(classes, x.shape[1], device=x.device)).requires_grad_()
@@ -62,8 +62,8 @@ def fit(x: torch.Tensor, y: torch.Tensor, l2: float, classes: int,
         return loss
 
     optimizer.step(objective)
-    iterations = optimizer.state[optimizer._params[0]]["n_iter"]
-    return weight.detach(), bias.detach(), iterations
+    evaluations = optimizer.state[weight]["func_evals"]
+    return weight.detach(), bias.detach(), evaluations
 
 
 def accuracy_and_loss(weight, bias, x, y) -> tuple[float, float]:
@@ -76,7 +76,7 @@ def search_l2(train_x, train_y, val_x, val_y, classes: int) -> tuple[list[dict],
     CLIP's parametric binary search: every second decade from 1e6 to 1e-6, then around the best
     so far at half the step each round, down to FINEST_STEP, never outside that range. Each fit starts from the solution of
     the nearest strength already fitted. Returns one record per strength tried (log10_l2,
-    val_accuracy, val_loss, iterations), in order of strength, and the chosen one's."""
+    val_accuracy, val_loss, evaluations), in order of strength, and the chosen one's."""
     tried: dict[float, dict] = {}  # log10(l2) -> record, with the solution kept for warm starts
 
     def score(decade: float) -> None:
@@ -84,10 +84,10 @@ def search_l2(train_x, train_y, val_x, val_y, classes: int) -> tuple[list[dict],
             return
         nearest = min(tried, key=lambda d: abs(d - decade), default=None)
         start = (tried[nearest]["weight"], tried[nearest]["bias"]) if nearest is not None else None
-        weight, bias, iterations = fit(train_x, train_y, 10.0 ** decade, classes, start)
+        weight, bias, evaluations = fit(train_x, train_y, 10.0 ** decade, classes, start)
         accuracy, loss = accuracy_and_loss(weight, bias, val_x, val_y)
         tried[decade] = {"log10_l2": decade, "val_accuracy": accuracy, "val_loss": loss,
-                         "iterations": iterations, "weight": weight, "bias": bias}
+                         "evaluations": evaluations, "weight": weight, "bias": bias}
         progress.update()
         progress.set_postfix(l2=f"1e{decade:+.3f}", val_accuracy=f"{accuracy:.4f}")
 

@@ -78,7 +78,7 @@ def fit_probe(head: nn.Module, features: dict, labels: dict, classes: int) -> No
     train_x, val_x = standardise(train_x), standardise(val_x)
     search, chosen = probe.search_l2(train_x, train_y, val_x, val_y, classes)
     l2 = 10.0 ** chosen["log10_l2"]
-    weight, bias, iterations = probe.fit(torch.cat([train_x, val_x]), torch.cat([train_y, val_y]), l2, classes)
+    weight, bias, evaluations = probe.fit(torch.cat([train_x, val_x]), torch.cat([train_y, val_y]), l2, classes)
     weight, bias = standardise.fold(weight, bias)
     with torch.no_grad():
         last.weight.copy_(weight)
@@ -93,11 +93,11 @@ def fit_probe(head: nn.Module, features: dict, labels: dict, classes: int) -> No
                          "trainable_params": last.weight.numel() + last.bias.numel(), "world_size": 1,
                          "best_val_accuracy": chosen["val_accuracy"],
                          "probe": {"l2": l2, "log10_l2": chosen["log10_l2"], "fits": len(search) + 1,
-                                   "refit_iterations": iterations}})
+                                   "refit_evaluations": evaluations}})
     live.end()
     outputs.empty_curves(LIVE)  # no epochs: the per-epoch curves that dvc.yaml declares stay empty
     print(f"linear probe: L2 strength {l2:.3g} (val accuracy {chosen['val_accuracy']:.4f}, {len(search)} fits), "
-          f"refitted on train + val in {iterations} iterations; {seconds:.1f} s")
+          f"refitted on train + val in {evaluations} evaluations; {seconds:.1f} s")
 
 
 @torch.no_grad()

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from stages import probe
-from tests.conftest import LEARNS, set_params, stage
+from tests.conftest import LEARNS, run, set_params, stage
 
 PROBE = {**LEARNS, "train_heads.solver": "lbfgs", "train_heads.trainable": "last", "features.flip": True}
 
@@ -56,27 +56,32 @@ def test_the_search_picks_a_strength_on_validation_coarse_then_fine_and_determin
     assert probe.search_l2(standardise(x), y, standardise(val_x), val_y, 4)[1] == chosen
 
 
-def test_the_probe_stage_learns_agrees_with_the_whole_model_and_never_reads_the_test_split(project):
-    set_params(project / "params.yaml", {**PROBE, "evaluate.flip": True})
-    for name in ("prepare_data", "cache_features", "train_heads", "evaluate"):
-        stage(name)
-    summary = json.loads((project / "live/train_heads/metrics.json").read_text())
-    metrics = json.loads((project / "metrics/metrics.json").read_text())
+def test_the_probe_as_a_dvc_experiment_learns_agrees_with_the_whole_model_and_never_reads_the_test_split(
+        dvc_project):
+    set_params(dvc_project / "params.yaml", {**PROBE, "evaluate.flip": True})
+    run("git", "commit", "-qam", "probe params")
+    run("dvc", "exp", "run")
+    summary = json.loads((dvc_project / "live/train_heads/metrics.json").read_text())
+    metrics = json.loads((dvc_project / "metrics/metrics.json").read_text())
     assert metrics["test"]["accuracy"] > 0.3  # synthetic, 10 classes: chance is 0.1
     assert metrics["cache_check"]["prediction_agreement"] >= 0.99  # the folded standardisation
     assert metrics["train"]["probe"]["l2"] == summary["probe"]["l2"]
-    search = json.loads((project / "live/train_heads/plots/custom/l2_search.json").read_text())
+    search = json.loads((dvc_project / "live/train_heads/plots/custom/l2_search.json").read_text())
     assert len(search) == summary["probe"]["fits"] - 1 and all(0 <= r["val_accuracy"] <= 1 for r in search)
-    model = (project / "models/train_heads/model.pt").read_bytes()
+    shown = run("dvc", "exp", "show", "--json").stdout
+    assert '"l2": ' + json.dumps(summary["probe"]["l2"]) in shown
+    plots = run("dvc", "plots", "show", "-o", "dvc_plots")
+    assert "failed to load" not in plots.stdout + plots.stderr
+    assert "Linear probe: validation accuracy per L2 strength" in (dvc_project / "dvc_plots/index.html").read_text()
+    model = (dvc_project / "models/train_heads/model.pt").read_bytes()
 
-    for path in ("data/prepared/test_images.npy", "data/features/test.npy"):  # poisoned: noise, same shapes
-        array = np.load(project / path)
-        np.save(project / path, np.random.default_rng(1).integers(0, 255, array.shape).astype(array.dtype))
-    labels = np.load(project / "data/prepared/test_labels.npy")
-    np.save(project / "data/prepared/test_labels.npy", labels[::-1].copy())
+    for path in ("data/prepared/test_images.npy", "data/prepared/test_labels.npy", "data/features/test.npy"):
+        array = np.load(dvc_project / path)  # poisoned: noise of the same shape, written as a new file
+        (dvc_project / path).unlink()  # never through DVC's hardlink into its cache
+        np.save(dvc_project / path, np.random.default_rng(1).integers(0, 10, array.shape).astype(array.dtype))
     stage("train_heads")
-    assert json.loads((project / "live/train_heads/metrics.json").read_text())["probe"] == summary["probe"]
-    assert (project / "models/train_heads/model.pt").read_bytes() == model
+    assert json.loads((dvc_project / "live/train_heads/metrics.json").read_text())["probe"] == summary["probe"]
+    assert (dvc_project / "models/train_heads/model.pt").read_bytes() == model
 
 
 @pytest.mark.parametrize("changes, message", [
@@ -98,6 +103,7 @@ def test_finetuning_never_reads_the_test_split(project):
     model = (project / "models/finetune/model.pt").read_bytes()
     for path in ("data/prepared/test_images.npy", "data/prepared/test_labels.npy"):
         array = np.load(project / path)
+        (project / path).unlink()
         np.save(project / path, np.random.default_rng(1).integers(0, 10, array.shape).astype(array.dtype))
     stage("finetune")
     assert (project / "models/finetune/model.pt").read_bytes() == model
