@@ -19,6 +19,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import matplotlib
+import matplotlib.ticker
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -331,14 +332,19 @@ def cost_accuracy(table: pd.DataFrame) -> plt.Figure:
     for row in shown.itertuples():
         ax.errorbar(row.total_time_s, row.accuracy_mean, yerr=0 if pd.isna(row.accuracy_std) else row.accuracy_std,
                     fmt=markers.get(row.strategy, "D"), color=colours[row.protocol], markersize=8, capsize=3)
-        ax.annotate(f"{row.model.removeprefix('timm/')}\n{STRATEGY_SHORT.get(row.strategy, row.strategy)}, "
-                    f"{row.protocol}", (row.total_time_s, row.accuracy_mean), xytext=(6, 4),
+        ax.annotate(f"{row.model.removeprefix('timm/')}, {STRATEGY_SHORT.get(row.strategy, row.strategy)}, "
+                    f"{row.protocol}", (row.total_time_s, row.accuracy_mean), xytext=(7, -3),
                     textcoords="offset points", fontsize=7)
-    ax.margins(x=0.25, y=0.15)
-    if len(shown) and shown["total_time_s"].max() > 10 * shown["total_time_s"].min():
-        ax.set_xscale("log")
-    else:
-        ax.set_xlim(left=0)
+    ax.margins(y=0.1)
+    if len(shown):
+        longest = shown["total_time_s"].max()  # the axis runs on past it, for its label
+        if longest > 50 * shown["total_time_s"].min():
+            ax.set_xscale("log")
+            ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+            ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+            ax.set_xlim(shown["total_time_s"].min() / 1.5, longest * 5)
+        else:
+            ax.set_xlim(0, longest * 1.6)
     handles = [plt.Line2D([], [], color=colours[p], marker="o", linestyle="", label=p) for p in protocols]
     handles += [plt.Line2D([], [], color="grey", marker=markers.get(s, "D"), linestyle="",
                            label=STRATEGY_SHORT.get(s, s)) for s in dict.fromkeys(shown["strategy"])]

@@ -326,7 +326,7 @@ def test_the_cost_figure_has_a_labelled_point_per_row_and_a_legend_of_what_is_dr
     table = report.results_table(records)
     fig = report.cost_accuracy(table)
     labels = [text.get_text() for text in fig.axes[0].texts]
-    assert len(labels) == 6 and "tf_efficientnet_lite0\nfine-tuning, best" in labels
+    assert len(labels) == 6 and "tf_efficientnet_lite0, fine-tuning, best" in labels
     assert sorted(legend_beside_the_axes(fig)) == sorted(["notebook", "readme", "best", "feature extraction",
                                                           "fine-tuning"])
     assert legend_beside_the_axes(report.study_bars(table)) == ["this run"]  # nothing published compares
