@@ -1,7 +1,8 @@
 """The study's results table and bar chart, read back from DVC's experiments.
 
-    python -m stages.report                              # every experiment that `dvc exp show` lists
+    python -m stages.report                              # every experiment of the commit checked out
     python -m stages.report --models alexnet --seeds 0,1 # only those
+    python -m stages.report --all-commits                # also those made at earlier commits
 
 Reads `dvc exp show --json` only: each experiment's state (queued, running, failed or success),
 its params.yaml and metrics/metrics.json as DVC committed them, and for a failure the last error
@@ -66,7 +67,7 @@ def dvc(*args: str, env: dict | None = None, timeout: float | None = None) -> st
         return out.read()
 
 
-def exp_show() -> list[dict]:
+def exp_show(all_commits: bool = False) -> list[dict]:
     """`dvc exp show --json`, asked again when it hangs (reading an experiment that finishes
     meanwhile can block it for good: pygit2's blob reader waits on a thread that has died) or
     fails (observed: "failed to show experiments - directory '.dvc/tmp/exps/...'" while a queue
@@ -74,7 +75,8 @@ def exp_show() -> list[dict]:
     hangs, failing_s, wait = 0, 0.0, 1.0
     while True:
         try:
-            return json.loads(dvc("exp", "show", "--json", timeout=EXP_SHOW_TIMEOUT_S))
+            return json.loads(dvc("exp", "show", "--json", *(["--all-commits"] if all_commits else []),
+                                  timeout=EXP_SHOW_TIMEOUT_S))
         except subprocess.TimeoutExpired:
             hangs += 1
             if hangs == EXP_SHOW_TRIES:
@@ -382,10 +384,12 @@ def main():
     parser.add_argument("--models", help="comma-separated; default: all")
     parser.add_argument("--strategies", help="comma-separated; default: all")
     parser.add_argument("--seeds", help="comma-separated; default: all")
+    parser.add_argument("--all-commits", action="store_true",
+                        help="the experiments of every commit, not only of the one checked out (dvc exp show -A)")
     args = parser.parse_args()
     if args.seeds and not all(s.isdigit() for s in args.seeds.split(",")):
         raise UserError(f"--seeds {args.seeds}: must be integers >= 0, comma-separated, e.g. 0,1,2")
-    records = select(experiments(exp_show()), models=args.models and args.models.split(","),
+    records = select(experiments(exp_show(args.all_commits)), models=args.models and args.models.split(","),
                      strategies=args.strategies and args.strategies.split(","),
                      seeds=args.seeds and [int(s) for s in args.seeds.split(",")])
     if not records:
