@@ -5,8 +5,9 @@
 Always runs on images, never on cached features, so both strategies are measured the same
 way. evaluate.flip averages each image's logits with its mirror image's. For feature extraction
 it also runs the head on the cached test features and records how far the two paths' logits
-differ (the unflipped images'; the cache holds no flipped test features). Writes metrics/metrics.json (test accuracy, and the whole
-cell's cost: the feature cache's time plus training's), plots/data/ for `dvc plots`, and PNGs.
+differ (the unflipped images'; the cache holds no flipped test features). Writes
+metrics/metrics.json (test accuracy, and the whole cell's cost: the feature cache's time plus
+training's), plots/data/ for `dvc plots`, and PNGs.
 """
 import time
 from pathlib import Path
