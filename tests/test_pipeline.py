@@ -170,7 +170,9 @@ def test_a_disk_too_small_for_the_feature_cache_is_one_line(project, monkeypatch
 def test_a_trained_model_that_could_run_code_is_refused(project, strategy):
     set_params(project / "params.yaml", {**FAST, "strategy": strategy})
     stage("prepare_data")
-    model_file = evaluate.TRAINED[strategy][0]
+    model_file, live_dir, _ = evaluate.TRAINED[strategy]
+    for present in (live_dir / "metrics.json", evaluate.FEATURE_METRICS, evaluate.FEATURES / "manifest.json"):
+        outputs.write_json(present, {})  # the other inputs that evaluate checks for first
     model_file.parent.mkdir(parents=True)
     write_malicious(model_file, project / "code-ran")
     result = stage("evaluate", check=False)
