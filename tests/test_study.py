@@ -357,8 +357,9 @@ def test_ctrl_c_stops_what_the_study_started_and_a_rerun_finishes_the_grid_witho
     run("git", "add", "-A")
     run("git", "commit", "-qm", "a stage that sleeps")
     command = [sys.executable, "-m", "stages.study", "--models", "a,b,c", "--strategies", "finetune"]
+    # SIGINT at its default, as in a terminal (a shell's background job would have it ignored)
     study_process = subprocess.Popen(command, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                     text=True)
+                                     text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 240
     while time.time() < deadline and (not started.exists() or len(started.read_text().split()) < 2):
         time.sleep(1)  # one cell done, the second running
