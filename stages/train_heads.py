@@ -40,14 +40,15 @@ def main():
         return
     cfg = p.train_heads
     device = devices.setup(p.device, p.seed)
-    network = backbones.build(p.model, p.weights, data.num_classes(PREPARED), probe_layer=cfg.probe_layer)
+    classes = data.num_classes(PREPARED)
+    network = backbones.build(p.model, p.weights, classes, probe_layer=cfg.probe_layer)
     backbones.set_head_trainable(network, cfg.trainable)
     head = network.head.to(device)
     features = {name: load_features(FEATURES / f"{name}.npy", device)
                 for name in ("train", "train_flip", "val") if (FEATURES / f"{name}.npy").exists()}
     labels = {name: inputs.to_device(data.load_split(PREPARED, name)[1], device) for name in ("train", "val")}
     if cfg.solver == "lbfgs":
-        fit_probe(head, features, labels, data.num_classes(PREPARED))
+        fit_probe(head, features, labels, classes)
         return
 
     def train_batches(generator):
