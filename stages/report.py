@@ -3,6 +3,7 @@
     python -m stages.report                              # every experiment of the commit checked out
     python -m stages.report --models alexnet --seeds 0,1 # only those
     python -m stages.report --all-commits                # also those made at earlier commits
+    python -m stages.report --remote origin              # first pulls the experiments other machines pushed
 
 Reads `dvc exp show --json` only: each experiment's state (queued, running, failed or success),
 its params.yaml and metrics/metrics.json as DVC committed them, and for a failure the last error
@@ -52,6 +53,11 @@ class DvcFailed(SystemExit):
 def dvc(*args: str, env: dict | None = None, timeout: float | None = None) -> str:
     """A DVC command's stdout; if it fails, one line that names the command and DVC's last words.
     Past the timeout, the command is killed and subprocess.TimeoutExpired raised."""
+    return dvc_output(*args, env=env, timeout=timeout)[0]
+
+
+def dvc_output(*args: str, env: dict | None = None, timeout: float | None = None) -> tuple[str, str]:
+    """dvc()'s stdout and stderr, for the commands whose warnings matter (exp push and pull)."""
     # Files, not pipes: the workers that `dvc queue start` leaves running inherit them, and reading
     # a pipe to its end would wait for those workers to exit
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
@@ -64,7 +70,7 @@ def dvc(*args: str, env: dict | None = None, timeout: float | None = None) -> st
         if code != 0:
             last = (err.read().strip().splitlines() or ["no output"])[-1]
             raise DvcFailed(f"error: `dvc {' '.join(args)}` failed with exit code {code}: {last}")
-        return out.read()
+        return out.read(), err.read()
 
 
 def exp_show(all_commits: bool = False) -> list[dict]:
@@ -110,7 +116,7 @@ def _record(experiment: dict) -> dict:
     return {"name": experiment.get("name") or head.get("name") or head["rev"][:7], "state": executor["state"],
             "params": _file_data(data.get("params"), "params.yaml"), "metrics": _file_data(data.get("metrics"), METRICS),
             "error": _error(executor["state"], log, None if experiment.get("executor") else head.get("error")),
-            "log": log}
+            "log": log, "pid": (executor.get("local") or {}).get("pid")}
 
 
 def _file_data(files: dict | None, path: str) -> dict:
@@ -386,7 +392,14 @@ def main():
     parser.add_argument("--seeds", help="comma-separated; default: all")
     parser.add_argument("--all-commits", action="store_true",
                         help="the experiments of every commit, not only of the one checked out (dvc exp show -A)")
+    parser.add_argument("--remote", metavar="GIT_REMOTE",
+                        help="pull its experiments (of this commit, or of every one with --all-commits) first")
     args = parser.parse_args()
+    if args.remote:
+        from stages import remotes  # it imports this module
+
+        remotes.check(args.remote)
+        remotes.pull(args.remote, args.all_commits)
     if args.seeds and not all(s.isdigit() for s in args.seeds.split(",")):
         raise UserError(f"--seeds {args.seeds}: must be integers >= 0, comma-separated, e.g. 0,1,2")
     records = select(experiments(exp_show(args.all_commits)), models=args.models and args.models.split(","),

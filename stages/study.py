@@ -4,11 +4,12 @@
     python -m stages.study --seeds 0,1,2 --protocol readme    # the README's protocol, mean ± std over 3 seeds
     python -m stages.study --gpus 0,1,2,3                     # up to four experiments at once, one per GPU
     python -m stages.study --gpus 0+1,2+3 -S finetune.processes=2   # two GPUs for each fine-tune
-    python -m stages.study --shard 1/2                        # this machine's half of the grid; another runs 2/2
+    python -m stages.study --shard 1/2 --remote origin        # this machine's half of the grid; another runs 2/2
     python -m stages.study --models timm/tf_efficientnet_lite0 -S data.source=imagefolder \\
         -S data.root=/path/to/images -S weights=/path/to/lite0.pth -S data.image_size=96
 
-Each cell is one experiment queued with `dvc exp run --queue`: the protocol's overrides
+Each cell is one experiment queued with `dvc exp run --queue`, named by its model, strategy,
+seed and a hash of its params and commit (the same on every machine): the protocol's overrides
 (stages/protocols.yaml, default notebook), then the -S flags, which win, then the cell's model,
 strategy and seed. DVC runs each in its own temporary copy of the repository, sharing the cache
 and run-cache. One queue worker per GPU (`dvc queue start`, started with CUDA_VISIBLE_DEVICES
@@ -18,7 +19,10 @@ A cell whose params (the workspace's params.yaml with the cell's overrides) alre
 successful experiment is not run again; one still queued or running is waited for. Every state
 comes from `dvc exp show --json`. The report (stages/report.py) then writes study/; the command
 exits non-zero if an experiment failed. Paths given with -S are made absolute, since queued
-experiments run in another folder.
+experiments run in another folder. With --remote (stages/remotes.py), the study first pulls the
+remote's experiments of this commit and the run-cache, and pushes each experiment as it succeeds;
+a machine that died is restarted with the same command, and its experiments left "running" are
+run again. Without --shard, a SLURM array or a Kubernetes indexed Job gives the shard (launch/).
 """
 import argparse
 import os
@@ -33,7 +37,7 @@ from hydra.core.override_parser.types import OverrideType
 from hydra.errors import HydraException
 from tqdm import tqdm
 
-from stages import protocols, report
+from stages import protocols, remotes, report
 from stages.errors import UserError, run_stage
 from stages.report import dvc, flat
 
@@ -56,8 +60,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--gpus", help="comma-separated GPU ids, one experiment on each at a time, or groups "
                                        "such as 0+1,2+3 for a fine-tune with finetune.processes: 2; default: "
                                        "every visible GPU (grouped so), or one experiment at a time with none")
-    parser.add_argument("--shard", default="1/1", metavar="I/N",
-                        help="run the I-th of N equal shares of the grid (each machine one share)")
+    parser.add_argument("--shard", metavar="I/N",
+                        help="run the I-th of N equal shares of the grid (each machine one share); default: from "
+                             "SLURM_ARRAY_TASK_ID or JOB_COMPLETION_INDEX when set, else 1/1")
+    parser.add_argument("--remote", metavar="GIT_REMOTE",
+                        help="pull its experiments first (a cell done elsewhere is done), push each one finished "
+                             "here, with data and run-cache going to the default DVC remote")
     args = parser.parse_args(argv)
     args.models = comma_list("--models", args.models)
     args.strategies = comma_list("--strategies", args.strategies)
@@ -69,7 +77,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         raise UserError(f"--seeds {args.seeds}: must be integers >= 0, comma-separated, e.g. 0,1,2")
     args.seeds = [int(s) for s in seeds]
     args.gpus = None if args.gpus is None else comma_list("--gpus", args.gpus)
-    args.shard = parse_shard(args.shard)
+    args.shard, args.shard_source = shard_and_source(args.shard)
     args.overrides = {**protocols.overrides(args.protocol), **parse_overrides(args.overrides)}
     return args
 
@@ -82,10 +90,21 @@ def comma_list(option: str, text: str) -> list[str]:
     return items
 
 
-def parse_shard(text: str) -> tuple[int, int]:
+def shard_and_source(option: str | None) -> tuple[tuple[int, int], str]:
+    """--shard, else the scheduler's array index (SLURM, Kubernetes), else the whole grid."""
+    if option is not None:
+        return parse_shard(option), "--shard"
+    found = remotes.shard_from_environment()
+    if found is None:
+        return (1, 1), "one machine"
+    index, count, source = found
+    return parse_shard(f"{index}/{count}", source), source
+
+
+def parse_shard(text: str, source: str = "--shard") -> tuple[int, int]:
     match = re.fullmatch(r"(\d+)/(\d+)", text)
     if not match or not 1 <= int(match[1]) <= int(match[2]):
-        raise UserError(f"--shard {text}: must be I/N with 1 <= I <= N, e.g. 1/2")
+        raise UserError(f"{source}: shard {text} must be I/N with 1 <= I <= N, e.g. 1/2")
     return int(match[1]), int(match[2])
 
 
@@ -169,18 +188,13 @@ def expected(cell: dict, workspace: dict) -> dict:
     return {**flat(workspace), **{k: tuple(v) if isinstance(v, list) else v for k, v in cell.items()}}
 
 
-def queue(todo: list[dict], args: argparse.Namespace, prefix: str) -> None:
-    if len(todo) == len(args.models) * len(args.strategies) * len(args.seeds):
-        # The whole grid: DVC's own sweep queues the product in one command, named prefix-1, prefix-2, ...
-        # (prefix alone for a single cell)
-        sweep = [f"{key}={','.join(map(protocols.value_text, values))}"
-                 for key, values in (("model", args.models), ("strategy", args.strategies), ("seed", args.seeds))]
-        dvc("exp", "run", "--queue", "--name", prefix, *settings(args.overrides), *_flags(sweep))
-        return
-    # Cells already done, or another machine's shard, leave no product to sweep: one command per cell
+def queue(todo: list[dict], names: dict[int, str], records: list[dict]) -> None:
+    """One `dvc exp run --queue` per cell, under its name; a failed run of it leaves the queue first."""
+    failed = {r["name"] for r in records if r["state"] == "failed"}
     for cell in todo:
-        short = {"feature_extraction": "fe", "finetune": "ft"}[cell["strategy"]]
-        name = re.sub(r"[^A-Za-z0-9_-]+", "-", f"{prefix}-{cell['model']}-{short}-s{cell['seed']}")
+        name = names[id(cell)]
+        if name in failed:
+            dvc("queue", "remove", name)
         dvc("exp", "run", "--queue", "--name", name, *settings(cell))
 
 
@@ -192,31 +206,44 @@ def _flags(pairs) -> list[str]:
     return [arg for pair in pairs for arg in ("-S", pair)]
 
 
-def ours(records: list[dict], prefix: str, pending: list[dict], workspace: dict) -> list[str]:
-    """The names of the experiments this study waits for: those it queued, and one for each pending
-    cell, which an earlier run of the study left queued or running."""
-    names = {r["name"] for r in records if r["name"] == prefix or r["name"].startswith(prefix + "-")}
-    for cell in pending:
-        waiting = [r for r in matching(cell, workspace, records) if r["state"] in ("queued", "running")]
-        names.update(r["name"] for r in waiting[:1])
-    return sorted(names)
+def waited_for(pending: list[dict], todo: list[dict], names: dict[int, str], workspace: dict,
+               records: list[dict]) -> list[str]:
+    """The experiments this study waits for: those it queues, and for each pending cell the
+    experiment that an earlier run of the study left queued or running."""
+    waiting = [r["name"] for cell in pending for r in matching(cell, workspace, records)[:1]
+               if r["state"] in ("queued", "running")]
+    return sorted({*waiting, *(names[id(cell)] for cell in todo)})
 
 
-def run_queue(names: list[str], gpus: list[str]) -> None:
+def forget_stale(records: list[dict]) -> list[dict]:
+    """Experiments left "running" by a machine that died: DVC keeps them so for good, and so they are
+    marked failed (`dvc queue kill`), to be run again."""
+    stale = [r for r in records if r["state"] == "running" and r["pid"] is not None and not alive(r["pid"])]
+    if stale:
+        dvc("queue", "kill", *(r["name"] for r in stale))
+    return [{**r, "state": "failed"} if r in stale else r for r in records]
+
+
+def run_queue(names: list[str], gpus: list[str], on_success=lambda names: None) -> None:
     """Starts one queue worker per GPU and waits for the experiments, with a progress bar.
 
     `dvc queue start -j k` starts the workers numbered 1..k that are not alive, each a daemon that
     inherits our environment and runs one experiment at a time. So worker k+1 starts, with its own
     CUDA_VISIBLE_DEVICES, only once k experiments run: then workers 1..k are alive and only it is new.
     A worker stops after 10 s with nothing queued; until then one left by an earlier study keeps
-    that study's GPU, and this one counts it among its own.
+    that study's GPU, and this one counts it among its own. Each experiment that succeeds is passed,
+    once, to on_success.
     """
-    workers, quiet, last = 0, 0, None
+    workers, quiet, last, succeeded = 0, 0, None, set()
     with tqdm(total=len(names), desc="experiments", unit="exp") as bar:
         while True:
             states, pids = experiment_states(names)
             finished = sum(state in ("success", "failed", None) for state in states.values())
             bar.update(finished - bar.n)
+            newly = [name for name, state in states.items() if state == "success" and name not in succeeded]
+            if newly:
+                on_success(newly)
+                succeeded.update(newly)
             if finished == len(names):
                 return
             running = sum(state == "running" for state in states.values())
@@ -295,6 +322,9 @@ def record_for(cell: dict, workspace: dict, records: list[dict]) -> dict:
 
 def main():
     args = parse_args()
+    if args.remote:
+        remotes.check(args.remote)
+        remotes.pull(args.remote)  # a cell that another machine finished is done here too
     shown = report.exp_show()
     workspace = report.workspace_params(shown)
     unknown = [key for key in args.overrides if key not in flat(workspace)]
@@ -305,29 +335,47 @@ def main():
     processes = {**flat(workspace), **args.overrides}.get("finetune.processes", 1) if fine_tunes else 1
     gpus = gpu_groups(args.gpus, processes)
     mine = shard(cells, *args.shard)
-    done, pending, todo = plan(mine, workspace, report.experiments(shown))
-    share = f"shard {args.shard[0]}/{args.shard[1]}: {len(mine)} of {len(cells)} cells; " if args.shard[1] > 1 else ""
-    print(f"{share}{len(done)} of {len(mine)} experiments already done; queueing {len(todo)}"
+    baseline = remotes.baseline_commit()
+    names = {id(cell): remotes.cell_name(cell, expected(cell, workspace), baseline) for cell in mine}
+    records = forget_stale(report.experiments(shown))
+    done, pending, todo = plan(mine, workspace, records)
+    print(f"shard {args.shard[0]}/{args.shard[1]} ({args.shard_source}): {len(mine)} of {len(cells)} cells; "
+          f"{len(done)} already done; queueing {len(todo)}"
           + (f"; waiting for {len(pending)} already queued or running" if pending else ""))
-    prefix = time.strftime("study-%Y%m%d-%H%M%S")  # names stay unique when the study runs again
+    pushed, push_failures = set(), []
+
+    def share(finished: list[str]) -> None:
+        """Pushes what finished here as it finishes, so that nothing is lost if this machine dies next."""
+        if not args.remote or not set(finished) - pushed:
+            return
+        try:
+            remotes.push(args.remote, sorted(set(finished) - pushed))
+            pushed.update(finished)
+        except (UserError, report.DvcFailed) as error:
+            push_failures.append(str(error).removeprefix("error: "))
+
+    share([record_for(cell, workspace, records)["name"] for cell in done])  # finished before a restart
     try:
         if todo:
-            queue(todo, args, prefix)
-        names = ours(report.experiments(report.exp_show()), prefix, pending, workspace)
-        if names:
+            queue(todo, names, records)
+        waiting = waited_for(pending, todo, names, workspace, report.experiments(report.exp_show()))
+        if waiting:
             print(f"running on {'; '.join(f'GPU {g}' for g in gpus) or 'one worker, no GPU'}")
-            run_queue(names, gpus)
+            run_queue(waiting, gpus, share)
             dvc("queue", "remove", "--success")  # the experiments stay in `dvc exp show`; only the queue's list clears
     except KeyboardInterrupt:
-        stop(ours(report.experiments(report.exp_show()), prefix, pending, workspace))
+        stop(waited_for(pending, todo, names, workspace, report.experiments(report.exp_show())))
 
     finished = report.experiments(report.exp_show())
-    records = [record_for(cell, workspace, finished) for cell in mine]
-    report.write_report(report.results_table(records), records)
+    results = [record_for(cell, workspace, finished) for cell in mine]
+    share([r["name"] for r in results if r["state"] == "success"])
+    report.write_report(report.results_table(results), results)
     print((report.OUT / "results.md").read_text())
-    failures = [f"{r['name']}: {r['error']}" for r in records if r["error"]]
+    failures = [f"{r['name']}: {r['error']}" for r in results if r["error"]]
     if failures:
         raise SystemExit(f"error: {len(failures)} experiment(s) failed: " + "; ".join(failures))
+    if push_failures:
+        raise SystemExit(f"error: {len(push_failures)} push(es) to {args.remote} failed: " + "; ".join(push_failures))
 
 
 if __name__ == "__main__":
