@@ -1,6 +1,7 @@
 """The device a stage runs on: choice, seeding, bf16 autocast, channels_last, torch.compile, and
 the process group when torchrun started the stage (one GPU per process; gloo on the CPU)."""
 import contextlib
+import datetime
 import os
 
 import torch
@@ -59,12 +60,16 @@ def under_torchrun() -> bool:
     return "LOCAL_RANK" in os.environ
 
 
-def setup_processes(device_param: str, seed: int) -> torch.device:
-    """setup(), and under torchrun the process group: NCCL with one GPU per process, or gloo on the CPU."""
+WRITER_NODE = "STAGES_WRITER_NODE"  # set on the node that DVC started: its local rank 0 alone writes
+
+
+def setup_processes(device_param: str, seed: int, timeout_s: float = 600) -> torch.device:
+    """setup(), and under torchrun the process group: NCCL with one GPU per process, or gloo on the
+    CPU; a collective that waits longer than timeout_s (a node died) fails instead of hanging."""
     device = setup(device_param, seed)
     if not under_torchrun():
         return device
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(seconds=timeout_s))
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.cuda.set_device(device)
@@ -74,7 +79,9 @@ def setup_processes(device_param: str, seed: int) -> torch.device:
 
 
 def is_main_process() -> bool:
-    return not dist.is_initialized() or dist.get_rank() == 0
+    """The one process that writes: alone, or local rank 0 on the first node (torchrun's c10d
+    rendezvous numbers the nodes in no set order, so global rank 0 may be on a joining node)."""
+    return not dist.is_initialized() or (os.environ.get(WRITER_NODE) == "1" and os.environ.get("LOCAL_RANK") == "0")
 
 
 def rank_and_world() -> tuple[int, int]:

@@ -2,7 +2,10 @@
 
     python -m stages.finetune            # or: dvc repro finetune
     # finetune.processes: 4 -> the stage relaunches itself as
-    #   torchrun --standalone --nproc_per_node=4 -m stages.finetune
+    #   torchrun --standalone --nproc-per-node=4 -m stages.finetune
+    # finetune.nodes: 2, finetune.rendezvous: node1:29500 -> on node1 (dvc repro finetune) it becomes
+    #   torchrun --nnodes=2 --nproc-per-node=4 --rdzv-backend=c10d --rdzv-endpoint=node1:29500 ...
+    python -m stages.finetune --join     # on each other node: same commit, params.yaml and data/prepared
 
 finetune.unfreeze: all trains every layer, as the study's notebook did; N trains the last N
 blocks. The unfrozen blocks learn at finetune.backbone_lr, the classifier at finetune.lr.
@@ -13,7 +16,11 @@ run-cache), lets an interrupted run resume: rerun the stage and it goes on from 
 checkpointed epoch; it is deleted when the stage completes.
 Under torchrun (DistributedDataParallel), every process holds all the uint8 images on its
 device and draws the same seeded global batches; each trains on its share of every batch, so
-the global batch stays finetune.batch_size. Only rank 0 writes outputs and logs.
+the global batch stays finetune.batch_size. Only one process writes outputs and logs: local rank
+0 of the first node, the one DVC started. With several nodes, the processes first compare their
+params and data, and a node whose differ stops with one line; a run with several nodes starts
+over when interrupted (a joining node has no checkpoint), and a collective that waits past
+finetune.join_timeout_s, or a lost node, ends it with one line.
 Writes models/finetune/model.pt and DVCLive's record to live/finetune/.
 """
 import hashlib
@@ -38,15 +45,21 @@ CHECKPOINTS = Path(".checkpoints/finetune")
 
 
 def main():
+    joining = sys.argv[1:] == ["--join"]
+    if sys.argv[1:] and not joining:
+        raise UserError(f"finetune: unknown arguments {' '.join(sys.argv[1:])}: the only one is --join")
     p = params.load()
     cfg = p.finetune
+    if joining and (p.strategy != "finetune" or cfg.nodes == 1):
+        raise UserError("--join: params.yaml has no run to join (it needs strategy: finetune and finetune.nodes "
+                        "above 1): use the first node's params.yaml, at the same commit")
     if p.strategy == "finetune":
         outputs.require(PREPARED / "manifest.json")
-    if p.strategy == "finetune" and cfg.processes > 1 and not devices.under_torchrun():
-        relaunch_under_torchrun(cfg.processes)
-    device = devices.setup_processes(p.device, p.seed)
+    if p.strategy == "finetune" and (cfg.processes > 1 or cfg.nodes > 1) and not devices.under_torchrun():
+        return run_under_torchrun(cfg, first_node=not joining)
+    device = devices.setup_processes(p.device, p.seed, cfg.join_timeout_s)
     rank, world = devices.rank_and_world()
-    if rank == 0 and not outputs.chosen_strategy(OUT, p.strategy, "finetune"):
+    if devices.is_main_process() and not outputs.chosen_strategy(OUT, p.strategy, "finetune"):
         outputs.empty_live(LIVE)
         return
     network = backbones.build(p.model, p.weights, data.num_classes(PREPARED), p.data.image_size)
@@ -81,14 +94,24 @@ def main():
         return loss_sum / count, correct / count
 
     key = fingerprint(p)
-    checkpoints = loop.Checkpoints(CHECKPOINTS / key[:16] / "last.pt", key, device, cfg.checkpoint_interval_s)
-    fitted = loop.fit(fast_model, groups, lambda generator: train_batches(
-                          train_images, train_labels, cfg, p.data, network.preprocess, generator, rank, world),
-                      len(train_labels), validate if len(val_labels) else None,
-                      cfg, p.seed, device, LIVE, checkpoints, state_of=model)
-    if rank == 0:
+    if cfg.nodes > 1:
+        same_inputs_on_every_node(key, world)
+    checkpoints = loop.Checkpoints(CHECKPOINTS / key[:16] / "last.pt", key, device, cfg.checkpoint_interval_s) \
+        if cfg.nodes == 1 else None
+    try:
+        fitted = loop.fit(fast_model, groups, lambda generator: train_batches(
+                              train_images, train_labels, cfg, p.data, network.preprocess, generator, rank, world),
+                          len(train_labels), validate if len(val_labels) else None,
+                          cfg, p.seed, device, LIVE, checkpoints, state_of=model)
+    except RuntimeError as error:  # gloo and NCCL raise it (or DistError, a subclass) when a peer is lost
+        if cfg.nodes == 1 or not isinstance(error, dist.DistError) and "gloo" not in str(error):
+            raise
+        raise UserError(f"finetune: lost another node ({str(error).splitlines()[0][:120]}): it stopped or died; "
+                        "run the stage again on this node and --join on the others") from None
+    if devices.is_main_process():
         loop.save_trained(OUT / "model.pt", fitted, "model")
-        shutil.rmtree(checkpoints.path.parent, ignore_errors=True)  # none was written if it ran one epoch
+        if checkpoints:
+            shutil.rmtree(checkpoints.path.parent, ignore_errors=True)  # none was written if it ran one epoch
     if world > 1:
         dist.barrier()
         dist.destroy_process_group()
@@ -107,12 +130,46 @@ def train_batches(images, labels, cfg: params.FinetuneParams, data_params: param
         yield inputs.model_input(x[mine], preprocess, data_params.image_size, data_params.crop_pct), labels[index[mine]]
 
 
-def relaunch_under_torchrun(processes: int) -> None:
-    """Replaces this process by torchrun, which starts `processes` copies of the stage."""
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
-               "-m", "stages.finetune"]
-    print(" ".join(["torchrun", *command[3:]]), flush=True)
-    os.execv(sys.executable, command)
+def run_under_torchrun(cfg: params.FinetuneParams, first_node: bool) -> None:
+    """Runs `processes` copies of the stage on this node with torchrun's own code (torch.distributed.run);
+    with several nodes, they meet at the first node's c10d rendezvous. Its failures become one line."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.elastic.rendezvous import RendezvousError
+    from torch.distributed.run import parse_args, run
+
+    if cfg.nodes == 1:
+        launch = ["--standalone", f"--nproc-per-node={cfg.processes}"]
+    else:
+        launch = [f"--nnodes={cfg.nodes}", f"--nproc-per-node={cfg.processes}", "--rdzv-backend=c10d",
+                  f"--rdzv-endpoint={cfg.rendezvous}", "--rdzv-id=finetune",
+                  f"--rdzv-conf=join_timeout={cfg.join_timeout_s:g}", "--max-restarts=0"]
+    print(" ".join(["torchrun", *launch, "-m", "stages.finetune"]), flush=True)
+    os.environ[devices.WRITER_NODE] = "1" if first_node else "0"
+    os.environ.setdefault("LOGLEVEL", "CRITICAL")  # torchrun's loggers: its failures become our one line below
+    try:
+        run(parse_args([*launch, "-m", "stages.finetune"]))
+    except RendezvousError as error:
+        raise UserError(f"finetune: the {cfg.nodes} nodes did not all meet at {cfg.rendezvous} within "
+                        f"{cfg.join_timeout_s:g} s ({type(error).__name__}): start `python -m stages.finetune --join` "
+                        "on the others (same commit, params.yaml and data/prepared), or raise finetune.join_timeout_s") \
+            from None
+    except ChildFailedError as failure:
+        codes = [f.exitcode for f in failure.failures.values()]
+        if 2 in codes:
+            sys.exit(2)  # a process printed its one line (stages.errors)
+        raise UserError(f"finetune: a process on this node failed with exit code {codes[0]}") from None
+
+
+def same_inputs_on_every_node(key: str, world: int) -> None:
+    """Every process's fingerprint against the writer's: a node with other params or data says so."""
+    found = [None] * world
+    dist.all_gather_object(found, (devices.is_main_process(), key))
+    first = next(k for writer, k in found if writer)
+    fix = "the same commit and params.yaml, then `dvc pull` or `dvc repro prepare-data`"
+    if key != first:
+        raise UserError(f"finetune --join: params.yaml or data/prepared here differ from the first node's: use {fix}")
+    if any(k != first for _, k in found):
+        raise UserError(f"finetune: a joining node's params.yaml or data/prepared differ from this node's: give it {fix}")
 
 
 def fingerprint(p: params.Params) -> str:

@@ -6,6 +6,7 @@ every other stage, so that `dvc repro` stops before DVC deletes any stage's outp
 `load()` is quick: it imports no model registry (check_inputs checks the model's name).
 """
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, fields
@@ -137,6 +138,9 @@ class FinetuneParams(TrainParams):
     flip: bool  # random horizontal flips, on the device
     crop_padding: int  # random crops after padding by this many pixels; 0 turns them off
     processes: int  # above 1: data-parallel under torchrun, one GPU each (gloo on the CPU)
+    nodes: int  # machines, each running `processes` of them; the others join with `python -m stages.finetune --join`
+    rendezvous: str  # host:port of the first node, where torchrun's c10d rendezvous meets (nodes > 1)
+    join_timeout_s: float  # the first node gives up when the others have not all joined by then
     drop_last: bool  # skip each epoch's last partial batch: one batch shape for cuDNN and torch.compile
     checkpoint_interval_s: float  # seconds of training between checkpoints, taken at an epoch's end
 
@@ -146,8 +150,13 @@ class FinetuneParams(TrainParams):
     def __post_init__(self):
         super().__post_init__()
         _require(self.processes >= 1, "finetune.processes", "must be at least 1", self.processes)
-        _require(self.batch_size >= self.processes, "finetune.batch_size",
-                 "must be at least finetune.processes (the global batch is split across them)", self.batch_size)
+        _require(self.batch_size >= self.processes * self.nodes, "finetune.batch_size",
+                 "must be at least finetune.processes × finetune.nodes (the global batch is split across them)",
+                 self.batch_size)
+        _require(self.nodes >= 1, "finetune.nodes", "must be at least 1", self.nodes)
+        _require(re.fullmatch(r"[\w.-]+:\d{1,5}", self.rendezvous) is not None, "finetune.rendezvous",
+                 "must be host:port, e.g. node1.cluster:29500", self.rendezvous)
+        _require(self.join_timeout_s > 0, "finetune.join_timeout_s", "must be positive", self.join_timeout_s)
         _require(self.unfreeze == "all" or self.unfreeze >= 0, "finetune.unfreeze",
                  "must be a number of blocks >= 0, or 'all'", self.unfreeze)
         _require(self.backbone_lr > 0, "finetune.backbone_lr", "must be positive", self.backbone_lr)

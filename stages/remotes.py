@@ -15,8 +15,12 @@ import re
 import subprocess
 from pathlib import Path
 
+from configobj import ConfigObj  # DVC's own config reader
+
 from stages.errors import UserError
 from stages.report import DvcFailed, dvc_output
+
+CONFIGS = (Path(".dvc/config.local"), Path(".dvc/config"))
 
 
 def check(remote: str) -> None:
@@ -25,23 +29,31 @@ def check(remote: str) -> None:
         subprocess.run(["git", "remote", "get-url", remote], check=True, capture_output=True)
     except subprocess.CalledProcessError:
         raise UserError(f"--remote {remote}: no such git remote: add it with `git remote add {remote} URL`") from None
-    config = dict(line.split("=", 1) for line in dvc_output("config", "--list")[0].splitlines() if "=" in line)
-    name = config.get("core.remote")
+    name = _config_value("core", "remote")
     if not name:
         raise UserError("--remote: no default DVC remote, where the experiments' data and run-cache go: "
                         "`dvc remote add -d NAME URL` (a folder, S3, SSH, ...)")
-    url = config.get(f"remote.{name}.url", "")
+    url = _config_value(f'remote "{name}"', "url")
     if "://" not in url and not Path(url).is_absolute() and not re.match(r"^[\w.-]+@[\w.-]+:", url):
         # DVC resolves it against .dvc/ here but against another folder during `dvc exp push`
         raise UserError(f"DVC remote {name!r} has the relative path {url!r}: give an absolute one: "
                         f"`dvc remote modify {name} url {Path('.dvc', url).resolve()}`")
 
 
+def _config_value(section: str, key: str) -> str:
+    """As written in .dvc/config.local, else .dvc/config (`dvc config --list` shows paths made absolute)."""
+    for path in CONFIGS:
+        value = ConfigObj(str(path)).get(section, {}).get(key) if path.exists() else None
+        if value:
+            return value
+    return ""
+
+
 def pull(remote: str, all_commits: bool = False) -> None:
     """Every experiment of the commit checked out (or of every commit) with its data and run-cache."""
     out, err = dvc_output("exp", "pull", remote, *(["--all-commits"] if all_commits else ["--rev", "HEAD"]),
                           "--run-cache")
-    _refuse_divergence(out + err, remote, "pull")
+    _refuse_divergence(out + err, remote)
 
 
 def push(remote: str, names: list[str]) -> None:
@@ -49,21 +61,27 @@ def push(remote: str, names: list[str]) -> None:
     if not names:
         return
     out, err = dvc_output("exp", "push", remote, *names, "--run-cache")
-    _refuse_divergence(out + err, remote, "push")
-    landed = set(re.findall(r"Pushed experiment ([\w-]+) to", out) + re.findall(r"Experiment ([\w-]+) is up to date", out))
+    _refuse_divergence(out + err, remote)
+    landed = _names(r"Pushed experiment (.+?) to Git remote", out) + _names(r"Experiment (.+?) (?:is|are) up to date", out)
     missing = [name for name in names if name not in landed]
     if missing:
         last = ((out + err).strip().splitlines() or ["no output"])[-1]
         raise DvcFailed(f"error: `dvc exp push {remote}` did not push {', '.join(missing)}: {last}")
 
 
-def _refuse_divergence(words: str, remote: str, verb: str) -> None:
-    match = re.search(r"experiment '?\[?'?([\w-]+)'?\]?'? has diverged", words)
-    if match:
-        name = match[1]
-        raise UserError(f"experiment {name} here and the one of that name on {remote} differ (the same cell run "
-                        f"on two machines?): keep the remote's with `dvc exp remove {name}` and run again, "
-                        f"or replace it with `dvc exp push --force {remote} {name}`")
+def _names(pattern: str, words: str) -> list[str]:
+    """The experiments that DVC names in a line of `words`: push writes "a", "a and b" or "a, b and c",
+    pull a Python list ("'['a', 'b']'"); rich wraps long lines at the terminal's width."""
+    return [name for found in re.findall(pattern, " ".join(words.split())) for name in re.findall(r"[\w-]+", found) if name != "and"]
+
+
+def _refuse_divergence(words: str, remote: str) -> None:
+    diverged = _names(r"Local experiment (.+?) has diverged", words)
+    if diverged:
+        names = " ".join(diverged)
+        raise UserError(f"experiment {names}: here and on {remote} under the same name, but not the same (the same "
+                        f"cell run on two machines?): keep the remote's with `dvc exp remove {names}` and run again, "
+                        f"or replace it with `dvc exp push --force {remote} {names}`")
 
 
 def cell_name(cell: dict, expected_params: dict, baseline: str) -> str:

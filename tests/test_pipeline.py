@@ -209,7 +209,7 @@ def test_finetune_under_torchrun_with_two_processes_resumes_after_kill_9(dvc_pro
     subprocess.run(["pkill", "-KILL", "-s", str(process.pid)])  # dvc, torchrun and both workers
     process.wait()
     resumed = run("dvc", "repro")
-    assert "torchrun --standalone --nproc_per_node=2 -m stages.finetune" in resumed.stdout
+    assert "torchrun --standalone --nproc-per-node=2 -m stages.finetune" in resumed.stdout
     assert re.search(r"resuming from \.checkpoints/finetune/\w+/last.pt after epoch [12]", resumed.stdout + resumed.stderr)
     ft = metrics(dvc_project)
     assert ft["train"]["world_size"] == 2 and ft["train"]["epochs_run"] == 3

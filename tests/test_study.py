@@ -265,7 +265,7 @@ def test_the_study_runs_the_grid_as_queued_dvc_experiments_one_per_gpu(dvc_proje
         assert data["metrics"]["metrics/metrics.json"]["data"]["run"]["cuda_visible_devices"] in ("0", "1")
 
     again = run(*study_run[:4], "alexnet", *study_run[5:])
-    assert "2 of 2 experiments already done; queueing 0" in again.stdout
+    assert "2 of 2 cells; 2 already done; queueing 0" in again.stdout
     assert len(pd.read_csv(dvc_project / "study/results.csv")) == 2
     run(sys.executable, "-m", "stages.report")
     assert len(pd.read_csv(dvc_project / "study/results.csv")) == 4
@@ -374,7 +374,7 @@ def test_ctrl_c_stops_what_the_study_started_and_a_rerun_finishes_the_grid_witho
     ran_before = started.read_text().split()
 
     again = run(*command)
-    assert f"{len(done_before)} of 3 experiments already done" in again.stdout and len(done_before) >= 1
+    assert f"3 of 3 cells; {len(done_before)} already done" in again.stdout and len(done_before) >= 1
     assert len(pd.read_csv(dvc_project / "study/results.csv")) == 3
     ran_after = started.read_text().split()[len(ran_before):]
     finished = {e["revs"][0]["data"]["params"]["params.yaml"]["data"]["model"] for e in done_before}

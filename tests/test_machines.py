@@ -1,0 +1,140 @@
+"""Several machines: three clones of one project stand in for them, a bare git repo and a folder
+for the remotes; and fine-tuning on two nodes of localhost."""
+import json
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from stages import remotes
+from stages.errors import UserError
+from tests.conftest import FAST, LEARNS, REPO, run, set_params
+from tests.test_pipeline import ran_stages
+from tests.test_study import TINY
+
+STUDY = [sys.executable, "-m", "stages.study", "--models", "alexnet", "--seeds", "0,1", *TINY]
+
+
+def test_the_shard_comes_from_slurm_or_kubernetes_and_names_are_per_cell():
+    assert remotes.shard_from_environment({"SLURM_ARRAY_TASK_ID": "3", "SLURM_ARRAY_TASK_COUNT": "4",
+                                           "SLURM_ARRAY_TASK_MIN": "1"})[:2] == (3, 4)
+    assert remotes.shard_from_environment({"JOB_COMPLETION_INDEX": "0", "JOB_COMPLETIONS": "2"})[:2] == (1, 2)
+    assert remotes.shard_from_environment({}) is None
+    with pytest.raises(UserError, match="JOB_COMPLETIONS"):
+        remotes.shard_from_environment({"JOB_COMPLETION_INDEX": "0"})
+    cell = {"model": "timm/tf_efficientnet_lite0", "strategy": "finetune", "seed": 1}
+    name = remotes.cell_name(cell, {"seed": 1, "lr": 0.1}, "abc")
+    assert re.fullmatch(r"tf-efficientnet-lite0-ft-s1-[0-9a-f]{8}", name)
+    assert name == remotes.cell_name(cell, {"lr": 0.1, "seed": 1}, "abc")
+    assert name != remotes.cell_name(cell, {"seed": 1, "lr": 0.2}, "abc") != remotes.cell_name(cell, {"seed": 1}, "x")
+
+
+def clone(origin, folder):
+    run("git", "clone", "-q", str(origin), str(folder))
+    run("git", "-C", str(folder), "config", "user.email", "test@example.com")
+    run("git", "-C", str(folder), "config", "user.name", "test")
+    return folder
+
+
+def in_folder(folder, *command, check=True):
+    result = subprocess.run(command, cwd=folder, capture_output=True, text=True)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{' '.join(command)} in {folder} failed:\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+def accuracies(folder) -> dict:
+    shown = json.loads(in_folder(folder, "dvc", "exp", "show", "--json").stdout)
+    return {e["name"]: e["revs"][0]["data"]["metrics"]["metrics/metrics.json"]["data"]["test"]["accuracy"]
+            for baseline in shown for e in baseline.get("experiments") or []}
+
+
+def test_two_machines_share_a_study_through_git_and_dvc_remotes(dvc_project, tmp_path_factory):
+    machines = tmp_path_factory.mktemp("machines")
+    origin = machines / "origin.git"
+    run("git", "init", "-q", "--bare", "-b", "main", str(origin))
+    run("git", "branch", "-M", "main")
+    run("dvc", "remote", "add", "-d", "store", "../store")  # relative: refused with its fix
+    run("git", "commit", "-qam", "a DVC remote")
+    run("git", "remote", "add", "origin", str(origin))
+    run("git", "push", "-q", "origin", "main")
+    relative = run(*STUDY, "--remote", "origin", check=False)
+    assert relative.returncode == 2 and relative.stderr.count("\n") == 1 and "dvc remote modify store url" in relative.stderr
+    run("dvc", "remote", "modify", "store", "url", str(machines / "store"))
+    run("git", "commit", "-qam", "an absolute DVC remote")
+    run("git", "push", "-q", "origin", "main")
+    a, b, c = (clone(origin, machines / name) for name in "abc")
+
+    shards = [subprocess.Popen([*STUDY, "--shard", f"{i}/2", "--remote", "origin"], cwd=folder, text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE) for i, folder in ((1, a), (2, b))]
+    outputs = [shard.communicate(timeout=900) for shard in shards]
+    assert [shard.returncode for shard in shards] == [0, 0], outputs
+    assert outputs[0][0].startswith("shard 1/2 (--shard): 2 of 4 cells; 0 already done; queueing 2")
+    ran_here = {**accuracies(a), **accuracies(b)}
+    assert len(ran_here) == 4
+
+    report = in_folder(c, sys.executable, "-m", "stages.report", "--remote", "origin")
+    assert accuracies(c) == ran_here  # every cell once, as the machines that ran them measured it
+    assert report.stdout.count("| alexnet |") == 2 and "0,1" in report.stdout
+    fe_seed_0 = next(name for name in ran_here if name.startswith("alexnet-fe-s0-"))
+    in_folder(c, "dvc", "exp", "apply", fe_seed_0)
+    assert (c / "models/train_heads/model.pt").stat().st_size > 10_000
+
+    again = in_folder(a, *STUDY, "--remote", "origin")  # the whole grid now: b's cells were pulled
+    assert "4 of 4 cells; 4 already done; queueing 0" in again.stdout
+
+    restored = in_folder(c, "dvc", "exp", "run", *TINY, "-S", "model=alexnet", "-S", "strategy=finetune",
+                         "-S", "seed=1")
+    assert ran_stages(restored.stdout) == ["check-inputs"]  # prepare-data, finetune and evaluate from the remote
+
+    # the same cell run where its result was not pulled: its name collides on the remote
+    d = clone(origin, machines / "d")
+    in_folder(d, *STUDY[:6], "0", *TINY, "--strategies", "feature_extraction")
+    collision = in_folder(d, *STUDY[:6], "0", *TINY, "--strategies", "feature_extraction", "--remote", "origin",
+                          check=False)
+    assert collision.returncode == 2 and collision.stderr.count("\n") == 1, collision.stderr
+    assert "not the same" in collision.stderr and "dvc exp remove alexnet-fe-s0-" in collision.stderr
+
+
+def two_node_params(path, port, **changes):
+    set_params(path, {**LEARNS, "strategy": "finetune", "finetune.epochs": 2, "finetune.nodes": 2,
+                      "finetune.rendezvous": f"localhost:{port}", "finetune.join_timeout_s": 20, **changes})
+
+
+def test_fine_tuning_on_two_nodes_of_localhost(project):
+    two_node_params(project / "params.yaml", 29531)
+    run(sys.executable, "-m", "stages.check_inputs")
+    run(sys.executable, "-m", "stages.prepare_data")
+    second = project.parent / "second_node"
+    shutil.copytree(project, second)
+    first = subprocess.Popen([sys.executable, "-m", "stages.finetune"], text=True, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE)
+    joined = in_folder(second, sys.executable, "-m", "stages.finetune", "--join")
+    out, err = first.communicate(timeout=600)
+    assert first.returncode == 0, err
+    assert "torchrun --nnodes=2 --nproc-per-node=1 --rdzv-backend=c10d --rdzv-endpoint=localhost:29531" in out
+    record = json.loads((project / "live/finetune/metrics.json").read_text())
+    assert record["world_size"] == 2 and record["epochs_run"] == 2
+    assert (project / "models/finetune/model.pt").exists() and not (second / "models").exists()  # one writer
+    assert joined.returncode == 0
+
+    alone = run(sys.executable, "-m", "stages.finetune", check=False)  # nobody joins
+    assert alone.returncode == 2 and alone.stderr.strip().splitlines()[-1].startswith(
+        "error: finetune: the 2 nodes did not all meet at localhost:29531 within 20 s")
+
+    set_params(second / "params.yaml", {"finetune.lr": 0.5})
+    first = subprocess.Popen([sys.executable, "-m", "stages.finetune"], text=True, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE)
+    other = in_folder(second, sys.executable, "-m", "stages.finetune", "--join", check=False)
+    first.communicate(timeout=600)
+    assert other.returncode == 2 and "params.yaml or data/prepared here differ from the first node's" in other.stderr
+    assert first.returncode != 0
+
+    shutil.rmtree(second / "data/prepared")
+    missing = in_folder(second, sys.executable, "-m", "stages.finetune", "--join", check=False)
+    assert missing.returncode == 2 and "data/prepared/manifest.json is missing" in missing.stderr
+    set_params(second / "params.yaml", {"finetune.nodes": 1})
+    nothing = in_folder(second, sys.executable, "-m", "stages.finetune", "--join", check=False)
+    assert nothing.returncode == 2 and "--join: params.yaml has no run to join" in nothing.stderr
