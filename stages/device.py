@@ -1,8 +1,11 @@
 """The device a stage runs on: choice, seeding, bf16 autocast, channels_last, torch.compile, and
 the process group when torchrun started the stage (one GPU per process; gloo on the CPU)."""
 import contextlib
+import ctypes
 import datetime
 import os
+import signal
+import sys
 
 import torch
 import torch.distributed as dist
@@ -69,6 +72,7 @@ def setup_processes(device_param: str, seed: int, timeout_s: float = 600) -> tor
     device = setup(device_param, seed)
     if not under_torchrun():
         return device
+    die_with_torchrun()
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(seconds=timeout_s))
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
@@ -76,6 +80,13 @@ def setup_processes(device_param: str, seed: int, timeout_s: float = 600) -> tor
     else:  # the processes share the cores
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // dist.get_world_size()))
     return device
+
+
+def die_with_torchrun() -> None:
+    """torchrun starts each process in a session of its own, so a kill -9 of the stage (or of the
+    dvc above it) would leave them training, and writing checkpoints, beside the rerun."""
+    if sys.platform == "linux":
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
 def is_main_process() -> bool:

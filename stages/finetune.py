@@ -25,6 +25,7 @@ Writes models/finetune/model.pt and DVCLive's record to live/finetune/.
 """
 import hashlib
 import json
+import logging
 import os
 import shutil
 import sys
@@ -133,9 +134,12 @@ def train_batches(images, labels, cfg: params.FinetuneParams, data_params: param
 def run_under_torchrun(cfg: params.FinetuneParams, first_node: bool) -> None:
     """Runs `processes` copies of the stage on this node with torchrun's own code (torch.distributed.run);
     with several nodes, they meet at the first node's c10d rendezvous. Its failures become one line."""
+    os.environ.setdefault("LOGLEVEL", "CRITICAL")  # read as torchrun's modules load: their logs would bury that line
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.elastic.rendezvous import RendezvousError
+    from torch.distributed.elastic.rendezvous import RendezvousError, RendezvousTimeoutError
     from torch.distributed.run import parse_args, run
+
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)  # its modules that ignore LOGLEVEL
 
     if cfg.nodes == 1:
         launch = ["--standalone", f"--nproc-per-node={cfg.processes}"]
@@ -145,14 +149,17 @@ def run_under_torchrun(cfg: params.FinetuneParams, first_node: bool) -> None:
                   f"--rdzv-conf=join_timeout={cfg.join_timeout_s:g}", "--max-restarts=0"]
     print(" ".join(["torchrun", *launch, "-m", "stages.finetune"]), flush=True)
     os.environ[devices.WRITER_NODE] = "1" if first_node else "0"
-    os.environ.setdefault("LOGLEVEL", "CRITICAL")  # torchrun's loggers: its failures become our one line below
     try:
         run(parse_args([*launch, "-m", "stages.finetune"]))
-    except RendezvousError as error:
+    except RendezvousTimeoutError as error:
         raise UserError(f"finetune: the {cfg.nodes} nodes did not all meet at {cfg.rendezvous} within "
                         f"{cfg.join_timeout_s:g} s ({type(error).__name__}): start `python -m stages.finetune --join` "
                         "on the others (same commit, params.yaml and data/prepared), or raise finetune.join_timeout_s") \
             from None
+    except RendezvousError as error:  # the process that hosts the rendezvous's store is gone, or never came
+        raise UserError(f"finetune: lost, or never reached, the rendezvous at {cfg.rendezvous} ({type(error).__name__}): "
+                        "a node stopped, or the first one is not running: run the stage there first, then "
+                        "`python -m stages.finetune --join` on the others") from None
     except ChildFailedError as failure:
         codes = [f.exitcode for f in failure.failures.values()]
         if 2 in codes:

@@ -5,13 +5,15 @@ import re
 import shutil
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 
 from stages import remotes
 from stages.errors import UserError
 from tests.conftest import FAST, LEARNS, REPO, run, set_params
-from tests.test_pipeline import ran_stages
+from tests.test_pipeline import CHANCE, ran_stages
 from tests.test_study import TINY
 
 STUDY = [sys.executable, "-m", "stages.study", "--models", "alexnet", "--seeds", "0,1", *TINY]
@@ -99,8 +101,13 @@ def test_two_machines_share_a_study_through_git_and_dvc_remotes(dvc_project, tmp
 
 
 def two_node_params(path, port, **changes):
-    set_params(path, {**LEARNS, "strategy": "finetune", "finetune.epochs": 2, "finetune.nodes": 2,
+    set_params(path, {**LEARNS, "strategy": "finetune", "finetune.nodes": 2, "finetune.processes": 1,
                       "finetune.rendezvous": f"localhost:{port}", "finetune.join_timeout_s": 20, **changes})
+
+
+def tested_accuracy() -> float:
+    run(sys.executable, "-m", "stages.evaluate")
+    return json.loads(Path("metrics/metrics.json").read_text())["test"]["accuracy"]
 
 
 def test_fine_tuning_on_two_nodes_of_localhost(project):
@@ -116,9 +123,30 @@ def test_fine_tuning_on_two_nodes_of_localhost(project):
     assert first.returncode == 0, err
     assert "torchrun --nnodes=2 --nproc-per-node=1 --rdzv-backend=c10d --rdzv-endpoint=localhost:29531" in out
     record = json.loads((project / "live/finetune/metrics.json").read_text())
-    assert record["world_size"] == 2 and record["epochs_run"] == 2
+    assert record["world_size"] == 2 and record["epochs_run"] == 3
     assert (project / "models/finetune/model.pt").exists() and not (second / "models").exists()  # one writer
     assert joined.returncode == 0
+    run(sys.executable, "-m", "stages.cache_features")
+    two_nodes = tested_accuracy()
+    set_params(project / "params.yaml", {"finetune.nodes": 1, "finetune.processes": 2})  # the same global batch
+    run(sys.executable, "-m", "stages.finetune")
+    one_node = tested_accuracy()
+    assert two_nodes > 2 * CHANCE and abs(two_nodes - one_node) <= 0.05, (two_nodes, one_node)
+    two_node_params(project / "params.yaml", 29531)
+
+    shutil.rmtree(project / "live/finetune")
+    first = subprocess.Popen([sys.executable, "-m", "stages.finetune"], text=True, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE)
+    joining = subprocess.Popen([sys.executable, "-m", "stages.finetune", "--join"], cwd=second,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while not (project / "live/finetune/metrics.json").exists() and time.monotonic() < deadline:
+        time.sleep(0.1)  # the first epoch is done
+    joining.kill()  # the command alone: its worker dies with it, as on a machine that went down
+    killed = time.monotonic()
+    out, err = first.communicate(timeout=300)
+    assert first.returncode == 2 and time.monotonic() - killed < 20, err  # within finetune.join_timeout_s
+    assert err.strip().splitlines()[-1].startswith("error: finetune: lost")  # the node, or the rendezvous it hosted
 
     alone = run(sys.executable, "-m", "stages.finetune", check=False)  # nobody joins
     assert alone.returncode == 2 and alone.stderr.strip().splitlines()[-1].startswith(
