@@ -60,6 +60,9 @@ def main():
         return run_under_torchrun(cfg, first_node=not joining)
     device = devices.setup_processes(p.device, p.seed, cfg.join_timeout_s)
     rank, world = devices.rank_and_world()
+    key = fingerprint(p)
+    if cfg.nodes > 1:  # before any other collective: one that differs in shape across nodes would hang
+        same_inputs_on_every_node(key, world)
     if devices.is_main_process() and not outputs.chosen_strategy(OUT, p.strategy, "finetune"):
         outputs.empty_live(LIVE)
         return
@@ -94,9 +97,6 @@ def main():
             (logits.argmax(1) == labels).sum(), len(labels))
         return loss_sum / count, correct / count
 
-    key = fingerprint(p)
-    if cfg.nodes > 1:
-        same_inputs_on_every_node(key, world)
     checkpoints = loop.Checkpoints(CHECKPOINTS / key[:16] / "last.pt", key, device, cfg.checkpoint_interval_s) \
         if cfg.nodes == 1 else None
     try:

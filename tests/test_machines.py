@@ -152,13 +152,13 @@ def test_fine_tuning_on_two_nodes_of_localhost(project):
     assert alone.returncode == 2 and alone.stderr.strip().splitlines()[-1].startswith(
         "error: finetune: the 2 nodes did not all meet at localhost:29531 within 20 s")
 
-    set_params(second / "params.yaml", {"finetune.lr": 0.5})
+    set_params(second / "params.yaml", {"finetune.processes": 2})  # three processes in all
     first = subprocess.Popen([sys.executable, "-m", "stages.finetune"], text=True, stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE)
     other = in_folder(second, sys.executable, "-m", "stages.finetune", "--join", check=False)
-    first.communicate(timeout=600)
+    out, err = first.communicate(timeout=600)
     assert other.returncode == 2 and "params.yaml or data/prepared here differ from the first node's" in other.stderr
-    assert first.returncode != 0
+    assert first.returncode == 2 and "a joining node's params.yaml or data/prepared differ" in err.strip().splitlines()[-1]
 
     shutil.rmtree(second / "data/prepared")
     missing = in_folder(second, sys.executable, "-m", "stages.finetune", "--join", check=False)
