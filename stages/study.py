@@ -349,8 +349,10 @@ def main():
         if not args.remote or not set(finished) - pushed:
             return
         try:
-            remotes.push(args.remote, sorted(set(finished) - pushed))
-            pushed.update(finished)
+            new = sorted(set(finished) - pushed)
+            remotes.push(args.remote, new)
+            pushed.update(new)
+            print(f"pushed {', '.join(new)} to {args.remote}", flush=True)
         except (UserError, report.DvcFailed) as error:
             push_failures.append(str(error).removeprefix("error: "))
 

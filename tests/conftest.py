@@ -38,6 +38,18 @@ def set_params(path: Path, changes: dict) -> None:
     path.write_text(yaml.safe_dump(params, sort_keys=False))
 
 
+def processes_in(folder: Path, command_part: bytes = b"") -> list[int]:
+    """The pids of processes working in `folder` or below it (their cwd), whose command line has `command_part`."""
+    found = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            if command_part in (proc / "cmdline").read_bytes() and (proc / "cwd").resolve().is_relative_to(folder.resolve()):
+                found.append(int(proc.name))
+        except OSError:  # it ended meanwhile, or is not ours to read
+            pass
+    return found
+
+
 @pytest.fixture
 def project(tmp_path, monkeypatch):
     """A copy of the project's pipeline files in a scratch folder, which becomes the cwd."""

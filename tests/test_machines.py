@@ -1,8 +1,10 @@
 """Several machines: three clones of one project stand in for them, a bare git repo and a folder
 for the remotes; and fine-tuning on two nodes of localhost."""
 import json
+import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -12,7 +14,7 @@ import pytest
 
 from stages import remotes
 from stages.errors import UserError
-from tests.conftest import FAST, LEARNS, REPO, run, set_params
+from tests.conftest import LEARNS, processes_in, run, set_params
 from tests.test_pipeline import CHANCE, ran_stages
 from tests.test_study import TINY
 
@@ -47,6 +49,12 @@ def in_folder(folder, *command, check=True):
     return result
 
 
+def remote_experiments(folder) -> dict:
+    """{name: commit} of the experiments on the git remote origin."""
+    listed = in_folder(folder, "git", "ls-remote", "origin", "refs/exps/*").stdout.split("\n")
+    return {ref.rsplit("/", 1)[-1]: commit for commit, ref in (line.split() for line in listed if line)}
+
+
 def accuracies(folder) -> dict:
     shown = json.loads(in_folder(folder, "dvc", "exp", "show", "--json").stdout)
     return {e["name"]: e["revs"][0]["data"]["metrics"]["metrics/metrics.json"]["data"]["test"]["accuracy"]
@@ -70,10 +78,19 @@ def test_two_machines_share_a_study_through_git_and_dvc_remotes(dvc_project, tmp
     a, b, c = (clone(origin, machines / name) for name in "abc")
 
     shards = [subprocess.Popen([*STUDY, "--shard", f"{i}/2", "--remote", "origin"], cwd=folder, text=True,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE) for i, folder in ((1, a), (2, b))]
-    outputs = [shard.communicate(timeout=900) for shard in shards]
-    assert [shard.returncode for shard in shards] == [0, 0], outputs
-    assert outputs[0][0].startswith("shard 1/2 (--shard): 2 of 4 cells; 0 already done; queueing 2")
+                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL) for i, folder in ((1, a), (2, b))]
+    assert shards[0].stdout.readline().startswith("shard 1/2 (--shard): 2 of 4 cells; 0 already done; queueing 2")
+    pushed = next(line for line in shards[0].stdout if line.startswith("pushed "))  # a's first cell
+    for pid in processes_in(a):  # machine a dies: the study, DVC's queue worker, the experiment's stages
+        os.kill(pid, signal.SIGKILL)
+    on_origin = remote_experiments(a)
+    assert pushed.split()[1] in on_origin
+
+    restarted = in_folder(a, *STUDY, "--shard", "1/2", "--remote", "origin")
+    assert "2 of 4 cells; 1 already done; queueing 1" in restarted.stdout  # the pushed cell is not run again
+    assert shards[1].wait(timeout=900) == 0
+    after = remote_experiments(a)
+    assert len(after) == 4 and all(after[name] == commit for name, commit in on_origin.items())  # none lost
     ran_here = {**accuracies(a), **accuracies(b)}
     assert len(ran_here) == 4
 

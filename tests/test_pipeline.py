@@ -5,14 +5,13 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import yaml
 
 from stages import cache_features, evaluate, outputs
 from stages.errors import UserError
-from tests.conftest import FAST, LEARNS, run, set_params, stage
+from tests.conftest import FAST, LEARNS, processes_in, run, set_params, stage
 from tests.test_backbones import write_malicious
 
 CHANCE = 0.1
@@ -198,18 +197,6 @@ def test_editing_an_image_in_a_local_folder_reruns_prepare_data(dvc_project):
     assert "prepare-data" in ran_stages(run("dvc", "exp", "run", "prepare-data", *settings).stdout)
 
 
-def finetune_processes(project: Path) -> list[int]:
-    """The pids of processes running stages.finetune in `project`."""
-    found = []
-    for proc in Path("/proc").glob("[0-9]*"):
-        try:
-            if b"stages.finetune" in (proc / "cmdline").read_bytes() and (proc / "cwd").resolve() == project.resolve():
-                found.append(int(proc.name))
-        except OSError:  # it ended meanwhile, or is not ours to read
-            pass
-    return found
-
-
 def test_finetune_under_torchrun_with_two_processes_resumes_after_kill_9(dvc_project):
     set_params(dvc_project / "params.yaml", {**LEARNS, "strategy": "finetune", "finetune.processes": 2,
                                                  "finetune.checkpoint_interval_s": 0})
@@ -222,9 +209,9 @@ def test_finetune_under_torchrun_with_two_processes_resumes_after_kill_9(dvc_pro
     subprocess.run(["pkill", "-KILL", "-s", str(process.pid)])  # dvc and torchrun; the workers die with it
     process.wait()
     deadline = time.monotonic() + 10
-    while finetune_processes(dvc_project) and time.monotonic() < deadline:
+    while processes_in(dvc_project, b"stages.finetune") and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert not finetune_processes(dvc_project)  # none left training beside the rerun
+    assert not processes_in(dvc_project, b"stages.finetune")  # none left training beside the rerun
     resumed = run("dvc", "repro")
     assert "torchrun --standalone --nproc-per-node=2 -m stages.finetune" in resumed.stdout
     assert re.search(r"resuming from \.checkpoints/finetune/\w+/last.pt after epoch [12]", resumed.stdout + resumed.stderr)
