@@ -122,7 +122,7 @@ def two_node_params(path, port, **changes):
                       "finetune.rendezvous": f"localhost:{port}", "finetune.join_timeout_s": 20, **changes})
 
 
-def tested_accuracy() -> float:
+def evaluated_accuracy() -> float:
     run(sys.executable, "-m", "stages.evaluate")
     return json.loads(Path("metrics/metrics.json").read_text())["test"]["accuracy"]
 
@@ -144,10 +144,10 @@ def test_fine_tuning_on_two_nodes_of_localhost(project):
     assert (project / "models/finetune/model.pt").exists() and not (second / "models").exists()  # one writer
     assert joined.returncode == 0
     run(sys.executable, "-m", "stages.cache_features")
-    two_nodes = tested_accuracy()
+    two_nodes = evaluated_accuracy()
     set_params(project / "params.yaml", {"finetune.nodes": 1, "finetune.processes": 2})  # the same global batch
     run(sys.executable, "-m", "stages.finetune")
-    one_node = tested_accuracy()
+    one_node = evaluated_accuracy()
     assert two_nodes > 2 * CHANCE and abs(two_nodes - one_node) <= 0.05, (two_nodes, one_node)
     two_node_params(project / "params.yaml", 29531)
 
