@@ -29,6 +29,7 @@ import logging
 import os
 import shutil
 import sys
+import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
@@ -36,7 +37,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from stages import augment, backbones, data, device as devices, inputs, loop, outputs, params
+from stages import augment, backbones, data, device as devices, errors, inputs, loop, outputs, params
 from stages.errors import UserError, run_stage
 
 PREPARED = Path("data/prepared")
@@ -149,22 +150,25 @@ def run_under_torchrun(cfg: params.FinetuneParams, first_node: bool) -> None:
                   f"--rdzv-conf=join_timeout={cfg.join_timeout_s:g}", "--max-restarts=0"]
     print(" ".join(["torchrun", *launch, "-m", "stages.finetune"]), flush=True)
     os.environ[devices.WRITER_NODE] = "1" if first_node else "0"
-    try:
-        run(parse_args([*launch, "-m", "stages.finetune"]))
-    except RendezvousTimeoutError as error:
-        raise UserError(f"finetune: the {cfg.nodes} nodes did not all meet at {cfg.rendezvous} within "
-                        f"{cfg.join_timeout_s:g} s ({type(error).__name__}): start `python -m stages.finetune --join` "
-                        "on the others (same commit, params.yaml and data/prepared), or raise finetune.join_timeout_s") \
-            from None
-    except RendezvousError as error:  # the process that hosts the rendezvous's store is gone, or never came
-        raise UserError(f"finetune: lost, or never reached, the rendezvous at {cfg.rendezvous} ({type(error).__name__}): "
-                        "a node stopped, or the first one is not running: run the stage there first, then "
-                        "`python -m stages.finetune --join` on the others") from None
-    except ChildFailedError as failure:
-        codes = [f.exitcode for f in failure.failures.values()]
-        if 2 in codes:
-            sys.exit(2)  # a process printed its one line (stages.errors)
-        raise UserError(f"finetune: a process on this node failed with exit code {codes[0]}") from None
+    with tempfile.TemporaryDirectory() as said:
+        os.environ[errors.PROCESS_ERRORS] = said
+        try:
+            run(parse_args([*launch, "-m", "stages.finetune"]))
+        except RendezvousTimeoutError as error:
+            raise UserError(f"finetune: the {cfg.nodes} nodes did not all meet at {cfg.rendezvous} within "
+                            f"{cfg.join_timeout_s:g} s ({type(error).__name__}): start `python -m stages.finetune "
+                            "--join` on the others (same commit, params.yaml and data/prepared), or raise "
+                            "finetune.join_timeout_s") from None
+        except RendezvousError as error:  # the process that hosts the rendezvous's store is gone, or never came
+            raise UserError(f"finetune: lost, or never reached, the rendezvous at {cfg.rendezvous} "
+                            f"({type(error).__name__}): a node stopped, or the first one is not running: run the "
+                            "stage there first, then `python -m stages.finetune --join` on the others") from None
+        except ChildFailedError as failure:
+            line = errors.said_by_processes(Path(said))
+            if line:
+                raise UserError(line) from None
+            codes = [f.exitcode for f in failure.failures.values()]
+            raise UserError(f"finetune: a process on this node failed with exit code {codes[0]}") from None
 
 
 def same_inputs_on_every_node(key: str, world: int) -> None:
