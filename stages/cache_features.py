@@ -38,14 +38,14 @@ def main():
     body = prepare_body(network.body, device)
     jobs = [("train", False), ("train", True), ("val", False), ("test", False)]
     jobs = [(split, flip) for split, flip in jobs if p.features.flip or not flip]
-    images = {split: data.load_split(PREPARED, split)[0] for split in data.SPLITS}
+    images = {split: data.open_split(PREPARED, split)[0] for split in data.SPLITS}
     dim = feature_dim(body, network.preprocess, p.data, device)
     check_free_space(OUT, sum(len(images[split]) for split, _ in jobs) * dim * 2)
     fast_body = devices.maybe_compile(body, p.compile)
     splits, started = {}, time.perf_counter()
     for split, flip in jobs:
         name = split + ("_flip" if flip else "")
-        split_images = torch.from_numpy(images[split])
+        split_images = images[split]
         batches = inputs.image_inputs(split_images, network.preprocess, p.data.image_size, p.data.crop_pct,
                                       p.features.batch_size, device, flip=flip)
         write_features(fast_body, batches, len(split_images), p.features.batch_size, dim, OUT / f"{name}.npy",

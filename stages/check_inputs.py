@@ -7,11 +7,13 @@ which validates params.yaml first: a bad value stops `dvc repro` with one line, 
 earlier output stays. Then it writes data/inputs/source.json and data/inputs/weights.json,
 with the content hash of a local image folder or weights file: DVC tracks params, not the
 files that they name, so these make editing an image or swapping a weights file rerun what
-reads it, and nothing else. The stage runs every time (always_changed), but its outputs
+reads it, and nothing else. An image's hash is remembered until its size or modification
+time changes, so that an unchanged folder is not read again. The stage runs every time (always_changed), but its outputs
 change only when the inputs do. Downloads (CIFAR, hub weights) are checked by their own md5.
 """
 import hashlib
 import json
+import os
 from importlib.metadata import version
 from pathlib import Path
 
@@ -22,6 +24,7 @@ from stages.errors import run_stage
 
 OUT = Path("data/inputs")
 KNOWN_MODELS = Path(".dvc/tmp/known_models.json")  # model names and image sizes already checked, per registry version
+FILE_HASHES = Path(".dvc/tmp/file_hashes.json")  # {image folder: {file: [inode, size, mtime_ns, sha256]}}
 
 
 def main():
@@ -65,13 +68,26 @@ def weights_fingerprint(model: str, weights: str) -> dict:
 
 
 def folder_sha256(root: Path) -> str:
-    """Hash of every file's relative path and bytes under root/{train,val,test}."""
-    files = sorted(p for split in ("train", "val", "test") if (root / split).is_dir()
-                   for p in (root / split).rglob("*") if p.is_file())
-    digest = hashlib.sha256()
-    for path in tqdm(files, desc=f"hash {root}", unit="file", mininterval=2, disable=len(files) < 5000):
-        digest.update(json.dumps(str(path.relative_to(root))).encode())
-        digest.update(hashlib.sha256(path.read_bytes()).digest())
+    """Hash of every file's relative path and bytes under root/{train,val,test}. Each file's hash is
+    remembered in FILE_HASHES with its inode, size and modification time, the rule of DVC's own
+    state database: an unchanged folder costs a stat per file, not a read of every byte."""
+    folder = str(root.resolve())
+    remembered = outputs.read_json(FILE_HASHES).get(folder, {}) if FILE_HASHES.exists() else {}
+    files = sorted(os.path.relpath(os.path.join(parent, name), root) for split in ("train", "val", "test")
+                   for parent, _dirs, names in os.walk(root / split) for name in names)
+    hashes, digest = {}, hashlib.sha256()
+    for name in tqdm(files, desc=f"hash {root}", unit="file", mininterval=2, disable=len(files) < 5000):
+        status = os.stat(root / name)
+        seen = [status.st_ino, status.st_size, status.st_mtime_ns]
+        known = remembered.get(name)
+        if known is None or known[:3] != seen:
+            with open(root / name, "rb") as file:
+                known = [*seen, hashlib.file_digest(file, "sha256").hexdigest()]
+        hashes[name] = known
+        digest.update(json.dumps(name).encode())
+        digest.update(bytes.fromhex(known[3]))
+    if hashes != remembered and FILE_HASHES.parent.parent.is_dir():
+        outputs.write_json(FILE_HASHES, {folder: hashes})
     return digest.hexdigest()
 
 

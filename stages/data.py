@@ -1,14 +1,16 @@
 """Data sources, the per-class cap, the stratified validation carve, and the prepared arrays.
 
-Every source gives each of its splits as labels plus a loader for chosen indices, so that
+Every source gives each of its splits as labels plus a reader of chosen images, so that
 `data.limit_per_class` picks images before any file is decoded. What comes out is one uint8
-N×H×W×3 array and one int64 label array per split, written as .npy with a manifest.
+N×S×S×3 array and one int64 label array per split, written as .npy with a manifest. The
+images are written one at a time and read back a batch at a time (open_split, read_rows), so
+that no stage's memory grows with the data.
 """
 import json
-import pickle
+import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -28,7 +30,8 @@ class DataError(UserError):
 @dataclass
 class SourceSplit:
     labels: np.ndarray  # int64, one per item of the source's split
-    load: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]  # indices -> (uint8 images, kept indices)
+    sizes: Callable[[np.ndarray], list[tuple[int, int]]]  # indices -> (width, height) of each one that opens
+    images: Callable[[np.ndarray, int], Iterator[tuple[int, np.ndarray]]]  # (indices, side) -> (index, S×S×3) each
 
 
 @dataclass
@@ -41,42 +44,68 @@ def open_source(data: DataParams) -> Source:
     if data.source in ("cifar10", "cifar100"):
         return cifar_source(data.source, Path(data.root))
     if data.source == "imagefolder":
-        return imagefolder_source(Path(data.root), data.stored_size, data.skip_unreadable)
+        return imagefolder_source(Path(data.root), data.skip_unreadable)
     return synthetic_source(data.synthetic.classes, data.synthetic.train_per_class,
                             data.synthetic.test_per_class, data.stored_size or 32, data.split_seed)
 
 
-def prepare(data: DataParams) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], dict]:
-    """Returns {split: (images, labels)} for train, val and test, and the manifest.
-    With data.val_fraction 0 and no val/ folder, the val split is empty."""
+def prepare(data: DataParams, folder: Path) -> dict:
+    """Writes {train,val,test}_{images,labels}.npy and manifest.json into a new `folder`, and
+    returns the manifest. Without a val split in the source, val is carved from the chosen train
+    images (none with data.val_fraction 0); an unreadable image that is skipped leaves its split."""
     source = open_source(data)
-    seed = data.split_seed
-    arrays, skipped = {}, {}
+    chosen = {name: cap_per_class(split.labels, data.limit_per_class, rng(data.split_seed, f"limit/{name}"))
+              for name, split in source.splits.items()}
+    sizes = [] if data.stored_size else [size for name, split in source.splits.items()
+                                          for size in split.sizes(chosen[name])]
+    side, stored = stored_side(data, sizes)
+    folder.mkdir(parents=True)
+    labels, skipped = {}, {}
     for name, split in source.splits.items():
-        chosen = cap_per_class(split.labels, data.limit_per_class, rng(seed, f"limit/{name}"))
-        images, kept = split.load(chosen)
-        arrays[name] = (images, split.labels[kept])
-        skipped[name] = len(chosen) - len(kept)
-    if "val" not in arrays:
-        images, labels = arrays["train"]
-        val = carve_val(labels, data.val_fraction, rng(seed, "val"))
-        train = np.setdiff1d(np.arange(len(labels)), val)
-        arrays["train"], arrays["val"] = (images[train], labels[train]), (images[val], labels[val])
+        picked, val = chosen[name], set()
+        carving = name == "train" and "val" not in source.splits
+        if carving:
+            val = set(picked[carve_val(split.labels[picked], data.val_fraction, rng(data.split_seed, "val"))].tolist())
+        capacity = {"train": len(picked) - len(val), "val": len(val)} if carving else {name: len(picked)}
+        files = {target: ImageFile(folder / f"{target}_images.npy", count, side) for target, count in capacity.items()}
+        kept = {target: [] for target in capacity}
+        for index, image in split.images(picked, side):
+            target = "val" if index in val else name
+            files[target].write(image)
+            kept[target].append(index)
+        for target, file in files.items():
+            file.close()
+            labels[target] = split.labels[np.asarray(kept[target], dtype=np.int64)]
+            np.save(folder / f"{target}_labels.npy", labels[target])
+        skipped[name] = len(picked) - sum(map(len, kept.values()))
     for name in SPLITS:
-        if len(arrays[name][1]) == 0 and (name != "val" or data.has_validation):
+        if len(labels[name]) == 0 and (name != "val" or data.has_validation):
             raise DataError(f"the {name} split is empty: raise data.limit_per_class or data.val_fraction")
-    side = arrays["train"][0].shape[1]
     manifest = {
         "source": data.source,
         "classes": source.classes,
-        "image_size": list(arrays["train"][0].shape[1:3]),
-        "stored_size": {"side": side, "chosen_by": "data.stored_size" if data.stored_size else
-                        ("the image folder (all its images are this size)" if data.source == "imagefolder"
-                         else f"the source ({data.source} images are {side} px)")},
-        "splits": {name: split_summary(*arrays[name], source.classes) for name in SPLITS},
+        "image_size": [side, side],
+        "stored_size": stored,
+        "splits": {name: split_summary(labels[name], source.classes) for name in SPLITS},
         "skipped_unreadable": skipped,
     }
-    return arrays, manifest
+    (folder / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
+def stored_side(data: DataParams, sizes: list[tuple[int, int]]) -> tuple[int, dict]:
+    """The side to store the images at, and the manifest's account of it: data.stored_size; else
+    the images' own size when they all share one square size; else the side the model's input is
+    resized to (data.image_size / data.crop_pct), counting the images that this enlarges."""
+    if data.stored_size:
+        return data.stored_size, {"side": data.stored_size, "chosen_by": "data.stored_size"}
+    shapes = set(sizes)
+    if len(shapes) <= 1 and all(w == h for w, h in shapes):
+        side = next(iter(shapes), (32, 32))[0]
+        return side, {"side": side, "chosen_by": "the images' own size (all of them are this size)"}
+    side = data.resize_side
+    return side, {"side": side, "chosen_by": "data.image_size / data.crop_pct, since the images differ in size",
+                  "enlarged": sum(min(w, h) < side for w, h in sizes)}
 
 
 def rng(seed: int, purpose: str) -> np.random.Generator:
@@ -95,31 +124,50 @@ def cap_per_class(labels: np.ndarray, limit: int | None, generator: np.random.Ge
 
 def carve_val(labels: np.ndarray, fraction: float, generator: np.random.Generator) -> np.ndarray:
     """Sorted indices of a stratified validation split: round(fraction * n) of each class."""
-    chosen = []
+    chosen = [np.zeros(0, np.int64)]
     for c in np.unique(labels):
         members = np.flatnonzero(labels == c)
         chosen.append(generator.permutation(members)[: round(fraction * len(members))])
     return np.sort(np.concatenate(chosen))
 
 
-def split_summary(images: np.ndarray, labels: np.ndarray, classes: list[str]) -> dict:
+def split_summary(labels: np.ndarray, classes: list[str]) -> dict:
     counts = np.bincount(labels, minlength=len(classes))
     return {"count": int(len(labels)), "per_class": dict(zip(classes, map(int, counts)))}
 
 
 # --- writing and reading the prepared arrays -------------------------------------------------
 
-def save(arrays: dict, manifest: dict, folder: Path) -> None:
-    """Into a new folder: never into files that DVC may have linked into its cache."""
-    folder.mkdir(parents=True)
-    for name, (images, labels) in arrays.items():
-        np.save(folder / f"{name}_images.npy", images)
-        np.save(folder / f"{name}_labels.npy", labels.astype(np.int64))
-    (folder / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+class ImageFile:
+    """A uint8 N×S×S×3 .npy file written one image at a time, for at most `capacity` images; its
+    header is rewritten with the count at the end, padded to the length it had."""
+
+    def __init__(self, path: Path, capacity: int, side: int):
+        self.file, self.side, self.count = open(path, "wb"), side, 0
+        self.header_length = len(npy_header((capacity, side, side, 3)))
+        self.file.write(npy_header((capacity, side, side, 3)))
+
+    def write(self, image: np.ndarray) -> None:
+        self.file.write(np.ascontiguousarray(image, dtype=np.uint8).data)
+        self.count += 1
+
+    def close(self) -> None:
+        self.file.seek(0)
+        self.file.write(npy_header((self.count, self.side, self.side, 3), self.header_length))
+        self.file.close()
 
 
-def load_split(folder: Path, name: str) -> tuple[np.ndarray, np.ndarray]:
-    return np.load(folder / f"{name}_images.npy"), np.load(folder / f"{name}_labels.npy")
+def npy_header(shape: tuple, length: int | None = None, dtype=np.uint8) -> bytes:
+    """A .npy (version 1.0) header, padded with spaces to `length` bytes, or to a multiple of 64."""
+    text = repr({"descr": np.dtype(dtype).str, "fortran_order": False, "shape": tuple(shape)})
+    length = length or -(-(len(text) + 11) // 64) * 64
+    return b"\x93NUMPY\x01\x00" + struct.pack("<H", length - 10) + (text.ljust(length - 11) + "\n").encode("latin1")
+
+
+def open_split(folder: Path, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """A split's images memory-mapped (copy-on-write, so that torch takes them as they are; nothing
+    is read until used: inputs.image_inputs reads them a batch at a time) and its labels."""
+    return np.load(folder / f"{name}_images.npy", mmap_mode="c"), np.load(folder / f"{name}_labels.npy")
 
 
 def load_manifest(folder: Path) -> dict:
@@ -130,44 +178,33 @@ def num_classes(folder: Path) -> int:
     return len(load_manifest(folder)["classes"])
 
 
-# --- CIFAR-10 and CIFAR-100: the official python archives ------------------------------------
+def in_memory(images: np.ndarray) -> tuple[Callable, Callable]:
+    """The sizes and images readers of a split that is one array already at its stored size."""
+    side = images.shape[2], images.shape[1]
+    return (lambda indices: [side] * len(indices),
+            lambda indices, _side: ((int(i), images[i]) for i in tqdm(indices, desc="write", unit="img",
+                                                                     mininterval=2, disable=len(indices) < 20000)))
+
+
+# --- CIFAR-10 and CIFAR-100: torchvision's datasets ------------------------------------------
 
 def cifar_source(name: str, root: Path) -> Source:
     from torchvision.datasets import CIFAR10, CIFAR100
     dataset = {"cifar10": CIFAR10, "cifar100": CIFAR100}[name]
-    folder = root / dataset.base_folder
-    if not folder.is_dir():
-        try:  # downloads if needed, verifies the archive's md5, extracts
-            dataset(str(root), train=True, download=True)
-        except OSError as error:
-            raise DataError(
-                f"could not get {dataset.filename} ({error.__class__.__name__}): put it in {root}/ "
-                f"and run again, or work offline with data.source=imagefolder or synthetic") from None
-    label_key = "labels" if name == "cifar10" else "fine_labels"
-    classes = unpickle(folder / dataset.meta["filename"])[dataset.meta["key"]]
-    splits = {}
-    for split, files in (("train", dataset.train_list), ("test", dataset.test_list)):
-        images, labels = read_cifar_batches([folder / file for file, _md5 in files], label_key)
-        splits[split] = SourceSplit(labels, lambda idx, images=images: (images[idx], idx))
-    return Source(list(classes), splits)
-
-
-def unpickle(path: Path) -> dict:
-    with open(path, "rb") as file:
-        return pickle.load(file, encoding="latin1")
-
-
-def read_cifar_batches(paths: list[Path], label_key: str) -> tuple[np.ndarray, np.ndarray]:
-    """The official batch format: `data` is N×3072 uint8 (channel-major 32×32), labels a list."""
-    batches = [unpickle(path) for path in paths]
-    images = np.concatenate([b["data"] for b in batches]).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
-    labels = np.concatenate([np.asarray(b[label_key], dtype=np.int64) for b in batches])
-    return np.ascontiguousarray(images), labels
+    try:  # downloads if needed, verifies every file's md5, extracts; then reads the batches
+        splits = {"train": dataset(str(root), train=True, download=True), "test": dataset(str(root), train=False)}
+    except (OSError, RuntimeError) as error:
+        raise DataError(
+            f"could not get {dataset.filename} ({error.__class__.__name__}): put it in {root}/ "
+            f"and run again, or work offline with data.source=imagefolder or synthetic") from None
+    return Source(list(splits["train"].classes),
+                  {split: SourceSplit(np.asarray(d.targets, dtype=np.int64), *in_memory(d.data))
+                   for split, d in splits.items()})
 
 
 # --- an image folder: root/{train,test[,val]}/<class>/<image> ---------------------------------
 
-def imagefolder_source(root: Path, stored_size: int | None, skip_unreadable: bool) -> Source:
+def imagefolder_source(root: Path, skip_unreadable: bool) -> Source:
     names = [s for s in ("train", "val", "test") if (root / s).is_dir()]
     listings = {name: list_images(root / name) for name in names}
     classes = sorted(listings["train"])
@@ -179,8 +216,9 @@ def imagefolder_source(root: Path, stored_size: int | None, skip_unreadable: boo
     for name, listing in listings.items():
         paths = [path for c in classes for path in listing[c]]
         labels = np.array([i for i, c in enumerate(classes) for _ in listing[c]], dtype=np.int64)
-        splits[name] = SourceSplit(labels, lambda idx, paths=paths, name=name: decode_images(
-            [paths[i] for i in idx], idx, stored_size, skip_unreadable, name))
+        splits[name] = SourceSplit(
+            labels, lambda idx, paths=paths: image_sizes([paths[i] for i in idx]),
+            lambda idx, side, paths=paths, name=name: decode_images(paths, idx, side, skip_unreadable, name))
     return Source(classes, splits)
 
 
@@ -193,29 +231,45 @@ def list_images(folder: Path) -> dict[str, list[Path]]:
     return listing
 
 
-def decode_images(paths, indices, size: int | None, skip_unreadable, split):
-    """RGB uint8 images, resized to size×size; with size None, kept at their own size, which
-    all of them must share."""
-    images, kept = [], []
-    for path, index in zip(tqdm(paths, desc=f"decode {split}", unit="img", mininterval=2), indices):
+def image_sizes(paths: list[Path]) -> list[tuple[int, int]]:
+    """(width, height) of each image that opens, from its header (decode_images names the others)."""
+    sizes = []
+    for path in tqdm(paths, desc="sizes", unit="img", mininterval=2, disable=len(paths) < 20000):
         try:
             with Image.open(path) as image:
-                image = image.convert("RGB")
-                if size and image.size != (size, size):
-                    image = image.resize((size, size), Image.Resampling.BICUBIC)
-                images.append(np.asarray(image))
-                kept.append(index)
+                sizes.append(image.size)
+        except (UnidentifiedImageError, OSError):
+            pass
+    return sizes
+
+
+def decode_images(paths, indices, side: int, skip_unreadable, split) -> Iterator[tuple[int, np.ndarray]]:
+    """(index, RGB uint8 side×side×3) for each image that decodes, in order."""
+    for index in tqdm(indices, desc=f"decode {split}", unit="img", mininterval=2):
+        try:
+            with Image.open(paths[index]) as image:
+                yield int(index), np.asarray(resized_and_cropped(as_rgb(image), side))
         except (UnidentifiedImageError, OSError) as error:
             if not skip_unreadable:
-                raise DataError(f"cannot read {path} ({error.__class__.__name__}): remove it, "
+                raise DataError(f"cannot read {paths[index]} ({error.__class__.__name__}): remove it, "
                                 "or set data.skip_unreadable: true") from None
-    sizes = sorted({image.shape[1::-1] for image in images})
-    if len(sizes) > 1 or (sizes and sizes[0][0] != sizes[0][1]):
-        shown = ", ".join(f"{w}×{h}" for w, h in sizes[:4]) + (", ..." if len(sizes) > 4 else "")
-        raise DataError(f"the images of {split} are not all one square size ({shown}): "
-                        "set data.stored_size to the side to store them at")
-    stacked = np.stack(images) if images else np.zeros((0, size or 32, size or 32, 3), np.uint8)
-    return stacked, np.asarray(kept, dtype=np.int64)
+
+
+def as_rgb(image: Image.Image) -> Image.Image:
+    """8-bit RGB from any mode; 16-bit (and 32-bit integer) grey keeps its top 8 bits, where PIL's
+    own conversion would clip it to white."""
+    if image.mode.startswith("I"):
+        grey = np.asarray(image).astype(np.int64)
+        image = Image.fromarray((grey >> 8).clip(0, 255).astype(np.uint8), "L")
+    return image.convert("RGB")
+
+
+def resized_and_cropped(image: Image.Image, side: int) -> Image.Image:
+    """torchvision's Resize(side) + CenterCrop(side): the shorter side to `side`, then the centre."""
+    if image.size == (side, side):
+        return image
+    from torchvision.transforms import InterpolationMode, functional
+    return functional.center_crop(functional.resize(image, side, InterpolationMode.BICUBIC), side)
 
 
 # --- synthetic: learnable, not trivial, no files ----------------------------------------------
@@ -232,7 +286,7 @@ def synthetic_source(classes: int, train_per_class: int, test_per_class: int, si
     for name, per_class in (("train", train_per_class), ("test", test_per_class)):
         labels = np.repeat(np.arange(classes), per_class)
         images = render_synthetic(patterns, labels, rng(seed, f"synthetic/{name}"))
-        splits[name] = SourceSplit(labels, lambda idx, images=images: (images[idx], idx))
+        splits[name] = SourceSplit(labels, *in_memory(images))
     return Source([f"class_{c}" for c in range(classes)], splits)
 
 

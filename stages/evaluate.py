@@ -36,7 +36,7 @@ def main():
                     *([FEATURES / "manifest.json"] if p.strategy == "feature_extraction" else []))
     device = devices.setup(p.device)
     classes = data.load_manifest(PREPARED)["classes"]
-    images, labels = data.load_split(PREPARED, "test")
+    images, labels = data.open_split(PREPARED, "test")
     trained = backbones.load_tensors(model_file)
     probe_layer = p.train_heads.probe_layer if p.strategy == "feature_extraction" else "penultimate"
     network = backbones.build(p.model, p.weights, len(classes), p.data.image_size, probe_layer)
@@ -49,7 +49,7 @@ def main():
 
     started = time.perf_counter()
     logits = {flip: loop.predict(model, inputs.image_inputs(
-                  torch.from_numpy(images), network.preprocess, p.data.image_size, p.data.crop_pct,
+                  images, network.preprocess, p.data.image_size, p.data.crop_pct,
                   p.evaluate.batch_size, device, flip=flip), device)
               for flip in ((False, True) if p.evaluate.flip else (False,))}
     seconds = time.perf_counter() - started

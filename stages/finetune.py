@@ -74,8 +74,8 @@ def main():
     groups = [{"params": list(network.head.parameters()), "lr": cfg.lr}]
     if body_params:
         groups.append({"params": body_params, "lr": cfg.backbone_lr})
-    train_images, train_labels = (inputs.to_device(a, device) for a in data.load_split(PREPARED, "train"))
-    val_images, val_labels = (inputs.to_device(a, device) for a in data.load_split(PREPARED, "val"))
+    train_images, train_labels = (inputs.to_device(a, device) for a in data.open_split(PREPARED, "train"))
+    val_images, val_labels = (inputs.to_device(a, device) for a in data.open_split(PREPARED, "val"))
     if cfg.drop_last and len(train_labels) < cfg.batch_size:
         raise UserError(f"params.yaml: finetune.drop_last leaves no batch of {cfg.batch_size} from "
                         f"{len(train_labels)} training images: set finetune.drop_last: false or a smaller batch_size")

@@ -16,16 +16,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from stages import params
+
 
 @dataclass(frozen=True)
 class Preprocess:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     interpolation: str  # a mode of torch.nn.functional.interpolate: bilinear, bicubic or nearest
-
-
-def resize_size(size: int, crop_pct: float) -> int:
-    return math.floor(size / crop_pct)  # timm's rule; 224 / 0.875 = 256
 
 
 def model_input(images: torch.Tensor, preprocess: Preprocess, size: int, crop_pct: float = 1.0) -> torch.Tensor:
@@ -50,7 +48,7 @@ def resize_maps(preprocess: Preprocess, height: int, width: int, size: int, crop
     """The matrices and vectors of model_input for one input shape: the rows' resize-and-crop
     (size × H), the columns' with the normalisation's scale folded in ((W·3) × (size·3)), the
     normalisation's shift per output column, and the normalised values of 0 and 255 per channel."""
-    side = resize_size(size, crop_pct)
+    side = params.resize_side(size, crop_pct)
     mean = torch.tensor(preprocess.mean, dtype=torch.float64)
     std = torch.tensor(preprocess.std, dtype=torch.float64)
     rows = axis_map(height, side, size, preprocess.interpolation)
@@ -84,17 +82,56 @@ def padded(batch: torch.Tensor, rows: int) -> torch.Tensor:
     return torch.cat([batch, batch.new_zeros((rows - len(batch), *batch.shape[1:]))])
 
 
-def image_inputs(images: torch.Tensor, preprocess: Preprocess, size: int, crop_pct: float, batch_size: int,
-                 device: torch.device, flip: bool = False) -> Iterator[tuple[torch.Tensor, int]]:
+def image_inputs(images: torch.Tensor | np.ndarray, preprocess: Preprocess, size: int, crop_pct: float,
+                 batch_size: int, device: torch.device, flip: bool = False) -> Iterator[tuple[torch.Tensor, int]]:
     """(inputs, count) for uint8 N×H×W×3 images, in order. Every batch has `batch_size` rows
     (the last one padded with zeros); its first `count` rows are real."""
-    if images.device != device and device.type == "cuda":
-        images = images.pin_memory()  # for non_blocking copies
-    for start in range(0, len(images), batch_size):
-        batch = images[start:start + batch_size]
-        count = len(batch)
-        batch = padded(batch, batch_size).to(device, non_blocking=True)
+    for batch, count in device_batches(images, batch_size, device):
         yield model_input(flip_lr(batch) if flip else batch, preprocess, size, crop_pct), count
+
+
+def device_batches(images: torch.Tensor | np.ndarray, batch_size: int,
+                   device: torch.device) -> Iterator[tuple[torch.Tensor, int]]:
+    """uint8 batches of `batch_size` rows on the device, the last one padded with zeros, and the
+    count of real rows in each. A numpy array (a whole split from data.open_split) is read a batch
+    at a time into two host buffers in turn (pinned on the GPU, so that the copy overlaps the next
+    read): memory does not grow with the split. A batch is valid until the next but one is drawn."""
+    if isinstance(images, torch.Tensor):
+        for start in range(0, len(images), batch_size):
+            batch = images[start:start + batch_size]
+            yield padded(batch, batch_size).to(device, non_blocking=True), len(batch)
+        return
+    pinned = device.type == "cuda"
+    buffers = [torch.zeros((batch_size, *images.shape[1:]), dtype=torch.uint8, pin_memory=pinned) for _ in range(2)]
+    copies = [None, None]
+    for turn, start in enumerate(range(0, len(images), batch_size)):
+        host = buffers[turn % 2]
+        if copies[turn % 2] is not None:
+            copies[turn % 2].synchronize()  # its previous batch has reached the device
+        count = len(read_rows(images, start, host.numpy()))
+        host[count:] = 0
+        yield host.to(device, non_blocking=pinned), count
+        if pinned:
+            copies[turn % 2] = torch.cuda.Event()
+            copies[turn % 2].record()
+
+
+def read_rows(images: np.ndarray, start: int, out: np.ndarray) -> np.ndarray:
+    """Rows start, start + 1, ... of `images` in `out`, as many as fit or remain. A memory-mapped
+    array is read from its file: so its pages stay in the page cache, and out of this process's
+    memory, where reading through the mapping would keep every page it touched."""
+    rows = min(len(out), len(images) - start)
+    if not isinstance(images, np.memmap):
+        out[:rows] = images[start:start + rows]
+        return out[:rows]
+    row_bytes = images.itemsize * math.prod(images.shape[1:])
+    with open(images.filename, "rb", buffering=0) as file:
+        file.seek(images.offset + start * row_bytes)
+        file.readinto(memoryview(out[:rows]).cast("B"))
+    return out[:rows]
+
+
+TO_DEVICE_ROWS = 4096  # images per copy of a memory-mapped split to the GPU
 
 
 def fits_on(device: torch.device, nbytes: int) -> bool:
@@ -106,4 +143,13 @@ def fits_on(device: torch.device, nbytes: int) -> bool:
 
 
 def to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(array)).to(device)
+    """The array as a tensor on the device. On the CPU a memory-mapped split stays mapped (its pages
+    are read as they are used, and the kernel may drop them); on the GPU it is copied in batches."""
+    if device.type == "cpu" or not isinstance(array, np.memmap):
+        return torch.from_numpy(np.asarray(array)).to(device)
+    copy = torch.empty(array.shape, dtype=torch.uint8, device=device)
+    start = 0
+    for batch, count in device_batches(array, TO_DEVICE_ROWS, device):
+        copy[start:start + count] = batch[:count]
+        start += count
+    return copy

@@ -2,8 +2,9 @@
 
     python -m stages.prepare_data        # or: dvc repro prepare-data
 
-Writes data/prepared/{train,val,test}_{images,labels}.npy and manifest.json. The same
-params (data.split_seed among them; the training seed is not) give byte-identical files.
+Writes data/prepared/{train,val,test}_{images,labels}.npy and manifest.json, an image at a
+time: memory does not grow with the data. The same params (data.split_seed among them; the
+training seed is not) give byte-identical files.
 """
 import shutil
 from pathlib import Path
@@ -16,10 +17,9 @@ OUT = Path("data/prepared")
 
 def main():
     p = params.load()
-    arrays, manifest = data.prepare(p.data)
     partial = OUT.with_name(OUT.name + ".partial")  # an error never leaves half an output
     shutil.rmtree(partial, ignore_errors=True)
-    data.save(arrays, manifest, partial)
+    manifest = data.prepare(p.data, partial)
     shutil.rmtree(OUT, ignore_errors=True)
     partial.rename(OUT)
     counts = ", ".join(f"{name} {manifest['splits'][name]['count']}" for name in data.SPLITS)

@@ -46,7 +46,7 @@ def main():
     head = network.head.to(device)
     features = {name: load_features(FEATURES / f"{name}.npy", device)
                 for name in ("train", "train_flip", "val") if (FEATURES / f"{name}.npy").exists()}
-    labels = {name: inputs.to_device(data.load_split(PREPARED, name)[1], device) for name in ("train", "val")}
+    labels = {name: inputs.to_device(data.open_split(PREPARED, name)[1], device) for name in ("train", "val")}
     if cfg.solver == "lbfgs":
         fit_probe(head, features, labels, classes)
         return

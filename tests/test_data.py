@@ -1,11 +1,15 @@
+import hashlib
+import os
 import pickle
+import tempfile
+from pathlib import Path
 from urllib.error import URLError
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from stages import data, params, prepare_data
+from stages import check_inputs, data, params, prepare_data
 from tests.conftest import CIFAR_JPEG, FAST, needs_shared, set_params, unpack_cifar_jpeg
 
 
@@ -15,9 +19,9 @@ def data_params(project, **changes) -> params.DataParams:
 
 
 def test_synthetic_source_is_seeded_balanced_and_split(project):
-    arrays, manifest = data.prepare(data_params(project, val_fraction=0.1))
-    again, _ = data.prepare(data_params(project, val_fraction=0.1))
-    other, _ = data.prepare(data_params(project, val_fraction=0.1, split_seed=1))
+    arrays, manifest = prepare(data_params(project, val_fraction=0.1))
+    again, _ = prepare(data_params(project, val_fraction=0.1))
+    other, _ = prepare(data_params(project, val_fraction=0.1, split_seed=1))
     assert all(np.array_equal(arrays[s][0], again[s][0]) for s in data.SPLITS)
     assert not np.array_equal(arrays["train"][0], other["train"][0])
     assert manifest["splits"]["train"]["count"] == 540 and manifest["splits"]["val"]["count"] == 60
@@ -28,7 +32,7 @@ def test_synthetic_source_is_seeded_balanced_and_split(project):
 
 def test_synthetic_classes_differ_but_overlap(project):
     """A nearest-class-mean classifier on raw pixels beats chance, but is far from perfect."""
-    arrays, _ = data.prepare(data_params(project))
+    arrays, _ = prepare(data_params(project))
     (train, train_y), (test, test_y) = arrays["train"], arrays["test"]
     means = np.stack([train[train_y == c].reshape(-1, 32 * 32 * 3).mean(0) for c in range(10)])
     distances = ((test.reshape(len(test), -1)[:, None, :] - means[None]) ** 2).sum(-1)
@@ -44,6 +48,13 @@ def test_cap_per_class_takes_the_first_n_in_a_seeded_order():
     assert not np.array_equal(chosen, data.cap_per_class(labels, 4, data.rng(1, "x")))
     more = data.cap_per_class(labels, 6, data.rng(0, "x"))
     assert set(chosen) <= set(more)
+
+
+def prepare(data_params: params.DataParams) -> tuple[dict, dict]:
+    """data.prepare into a new folder: ({split: (images, labels)}, manifest)."""
+    folder = Path(tempfile.mkdtemp(dir=".")) / "prepared"
+    manifest = data.prepare(data_params, folder)
+    return {name: tuple(np.array(a) for a in data.open_split(folder, name)) for name in data.SPLITS}, manifest
 
 
 def test_prepare_data_writes_byte_identical_files(project):
@@ -72,22 +83,36 @@ def write_cifar_batches(folder, label_key, classes, per_batch=20):
 
 @pytest.mark.parametrize("source, folder, label_key, n_classes", [
     ("cifar10", "cifar-10-batches-py", "labels", 10), ("cifar100", "cifar-100-python", "fine_labels", 100)])
-def test_cifar_batches_are_read_channel_last(project, source, folder, label_key, n_classes):
+def test_cifar_is_read_by_torchvision_channel_last(project, monkeypatch, source, folder, label_key, n_classes):
+    from torchvision.datasets import CIFAR10, CIFAR100
+    dataset = {"cifar10": CIFAR10, "cifar100": CIFAR100}[source]
     classes = [f"c{i}" for i in range(n_classes)]
     first = write_cifar_batches(project / "data/raw" / folder, label_key, classes)
+    for listing in ("train_list", "test_list"):  # torchvision checks each file against these md5s
+        files = [[name, hashlib.md5((first.parent / name).read_bytes()).hexdigest()]
+                 for name, _md5 in getattr(dataset, listing)]
+        monkeypatch.setattr(dataset, listing, files)
+    meta = first.parent / dataset.meta["filename"]
+    monkeypatch.setattr(dataset, "meta", {**dataset.meta, "md5": hashlib.md5(meta.read_bytes()).hexdigest()})
     src = data.open_source(data_params(project, source=source))
     batch = pickle.loads(first.read_bytes())
-    images, kept = src.splits["train"].load(np.arange(3))
-    assert src.classes == classes and images.shape == (3, 32, 32, 3)
-    assert np.array_equal(images[1, :, :, 0].ravel(), batch["data"][1, :1024])  # red plane first
-    assert np.array_equal(images[1, 0, 0], batch["data"][1, [0, 1024, 2048]])
+    images = dict(src.splits["train"].images(np.arange(3), 32))
+    assert src.classes == classes and images[1].shape == (32, 32, 3)
+    assert np.array_equal(images[1][:, :, 0].ravel(), batch["data"][1, :1024])  # red plane first
+    assert np.array_equal(images[1][0, 0], batch["data"][1, [0, 1024, 2048]])
     assert src.splits["train"].labels[:20].tolist() == batch[label_key]
     assert len(src.splits["test"].labels) == 20
+    (first.parent / "test_batch" if source == "cifar10" else first.parent / "test").write_bytes(b"truncated")
+    with pytest.raises(data.DataError, match=r"could not get .* put it in data/raw/"):  # corrupt, and offline
+        monkeypatch.setattr("torchvision.datasets.utils.urllib.request.urlopen", offline)
+        data.open_source(data_params(project, source=source))
+
+
+def offline(*args, **kwargs):
+    raise URLError("no network")
 
 
 def test_cifar_offline_without_the_archive_says_where_to_put_it(project, monkeypatch):
-    def offline(*args, **kwargs):
-        raise URLError("no network")
     monkeypatch.setattr("torchvision.datasets.utils.urllib.request.urlopen", offline)
     with pytest.raises(data.DataError, match=r"put it in data/raw/ .* data.source=imagefolder or synthetic"):
         data.open_source(data_params(project, source="cifar10"))
@@ -113,7 +138,7 @@ def folder_params(project, **changes):
 def test_imagefolder_reads_any_case_any_size_and_carves_val(project):
     make_folder(project / "images", per_class=10)
     (project / "images/train/cat/notes.txt").write_text("not an image")
-    arrays, manifest = data.prepare(folder_params(project, val_fraction=0.2))
+    arrays, manifest = prepare(folder_params(project, val_fraction=0.2))
     assert manifest["classes"] == ["cat", "dog"]
     assert {s: manifest["splits"][s]["count"] for s in data.SPLITS} == {"train": 16, "val": 4, "test": 20}
     images, labels = arrays["test"]
@@ -123,7 +148,7 @@ def test_imagefolder_reads_any_case_any_size_and_carves_val(project):
 
 def test_imagefolder_uses_its_own_val_split(project):
     make_folder(project / "images", splits=("train", "val", "test"))
-    _, manifest = data.prepare(folder_params(project))
+    _, manifest = prepare(folder_params(project))
     assert {s: manifest["splits"][s]["count"] for s in data.SPLITS} == {"train": 8, "val": 8, "test": 8}
 
 
@@ -131,15 +156,15 @@ def test_imagefolder_splits_must_have_the_same_classes(project):
     make_folder(project / "images")
     write_image(project / "images/test/bird/0.png", 32, (0, 200, 0))
     with pytest.raises(data.DataError, match="has classes .*bird.*every split needs the same class folders"):
-        data.prepare(folder_params(project))
+        prepare(folder_params(project))
 
 
 def test_an_unreadable_image_is_named_or_skipped_and_counted(project):
     make_folder(project / "images")
     (project / "images/train/dog/broken.jpg").write_bytes(b"not a jpeg")
     with pytest.raises(data.DataError, match=r"cannot read .*broken.jpg .*data.skip_unreadable: true"):
-        data.prepare(folder_params(project))
-    _, manifest = data.prepare(folder_params(project, skip_unreadable=True,
+        prepare(folder_params(project))
+    _, manifest = prepare(folder_params(project, skip_unreadable=True,
                                                   val_fraction=0.25))
     assert manifest["skipped_unreadable"] == {"train": 1, "test": 0}
     assert manifest["splits"]["train"]["count"] + manifest["splits"]["val"]["count"] == 8
@@ -148,21 +173,61 @@ def test_an_unreadable_image_is_named_or_skipped_and_counted(project):
 def test_an_empty_split_is_an_error(project):
     make_folder(project / "images", per_class=2)
     with pytest.raises(data.DataError, match="the val split is empty"):
-        data.prepare(folder_params(project, val_fraction=0.1))
+        prepare(folder_params(project, val_fraction=0.1))
 
 
-def test_a_folder_of_one_size_is_stored_at_that_size_and_mixed_sizes_need_the_param(project):
+def test_a_folder_of_one_square_size_is_stored_at_that_size(project):
     make_folder(project / "images", per_class=4, sizes=(64,))
-    arrays, manifest = data.prepare(data_params(project, source="imagefolder", root="images", val_fraction=0.25))
+    arrays, manifest = prepare(data_params(project, source="imagefolder", root="images", val_fraction=0.25))
     assert arrays["train"][0].shape[1:] == (64, 64, 3)
-    assert manifest["stored_size"] == {"side": 64, "chosen_by": "the image folder (all its images are this size)"}
-    make_folder(project / "mixed", per_class=4, sizes=(32, 48))
-    with pytest.raises(data.DataError, match=r"not all one square size \(32×32, 48×48\): set data.stored_size"):
-        data.prepare(data_params(project, source="imagefolder", root="mixed", val_fraction=0.25))
+    assert manifest["stored_size"] == {"side": 64, "chosen_by": "the images' own size (all of them are this size)"}
+
+
+def mixed_image(size, mode, seed) -> Image.Image:
+    """An image of `size` (width, height) in `mode`: a gradient plus noise, so that no mode is blank."""
+    w, h = size
+    rng = np.random.default_rng(seed)
+    grey = (np.add.outer(np.arange(h) * 255 // max(h - 1, 1), np.arange(w) * 0) + rng.integers(0, 40, (h, w)))
+    grey = grey.clip(0, 255).astype(np.uint8)
+    if mode == "I;16":
+        return Image.fromarray(grey.astype(np.uint16) * 257)
+    rgb = Image.fromarray(np.stack([grey, 255 - grey, grey // 2], axis=-1))
+    return rgb.convert(mode) if mode != "P" else rgb.quantize(16)
+
+
+def test_a_folder_of_any_sizes_and_modes_runs_with_the_defaults(project):
+    shapes = [(7, 9), (32, 32), (500, 300), (64, 64)]
+    modes = [("L", ".png"), ("P", ".png"), ("RGBA", ".png"), ("CMYK", ".jpg"), ("I;16", ".png")]
+    for split in ("train", "test"):
+        for c in ("cat", "dog"):
+            for i, (shape, (mode, ext)) in enumerate((shape, mode) for shape in shapes for mode in modes):
+                path = project / "images" / split / c / f"{i}{ext}"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                mixed_image(shape, mode, i).save(path)
+    set_params(project / "params.yaml", {"data.source": "imagefolder", "data.root": "images",
+                                         "data.image_size": 48, "data.crop_pct": 0.75, "data.limit_per_class": None})
+    arrays, manifest = prepare(params.load().data)  # stored_size: null, as in params.yaml
+    assert manifest["stored_size"] == {"side": 64, "enlarged": 2 * 5 * 2 * 2,  # 7×9 and 32×32: 2 shapes, 5 modes, 2 classes, 2 splits
+                                       "chosen_by": "data.image_size / data.crop_pct, since the images differ in size"}
+    images = arrays["train"][0]
+    assert images.shape == (40, 64, 64, 3) and manifest["splits"]["test"]["count"] == 40
+    assert all(np.ptp(image) > 50 for image in images)  # no mode came out blank or clipped white (16-bit)
+
+
+def test_a_non_square_image_is_resized_by_its_shorter_side_and_center_cropped_as_torchvision_does(tmp_path):
+    from torchvision import transforms
+    y, x = np.mgrid[0:375, 0:500]  # 500×375, a gradient across each axis
+    photo = Image.fromarray(np.stack([x * 255 // 499, y * 255 // 374, x * 0 + 128], axis=-1).astype(np.uint8))
+    ours = np.asarray(data.resized_and_cropped(photo, 96)).astype(int)
+    theirs = transforms.Compose([transforms.Resize(96, transforms.InterpolationMode.BICUBIC),
+                                 transforms.CenterCrop(96)])(photo)
+    assert ours.shape == (96, 96, 3) and np.abs(ours - np.asarray(theirs)).max() <= 1
+    squashed = np.asarray(photo.resize((96, 96), Image.Resampling.BICUBIC)).astype(int)
+    assert np.abs(ours - squashed).mean() > 5  # not squashed to a square
 
 
 def test_no_validation_split_with_val_fraction_zero(project):
-    arrays, manifest = data.prepare(data_params(project, val_fraction=0))
+    arrays, manifest = prepare(data_params(project, val_fraction=0))
     assert manifest["splits"]["val"]["count"] == 0 and manifest["splits"]["train"]["count"] == 600
     assert arrays["val"][0].shape == (0, 32, 32, 3)
 
@@ -170,7 +235,26 @@ def test_no_validation_split_with_val_fraction_zero(project):
 @needs_shared(CIFAR_JPEG)
 def test_the_cifar10_jpeg_copy_as_an_image_folder(project, tmp_path):
     root = unpack_cifar_jpeg(tmp_path, per_class=30)
-    _, manifest = data.prepare(data_params(project, source="imagefolder", root=str(root), limit_per_class=20,
+    _, manifest = prepare(data_params(project, source="imagefolder", root=str(root), limit_per_class=20,
                                            val_fraction=0.1))
     assert manifest["classes"][:3] == ["airplane", "automobile", "bird"] and len(manifest["classes"]) == 10
     assert {s: manifest["splits"][s]["count"] for s in data.SPLITS} == {"train": 180, "val": 20, "test": 200}
+
+
+def test_an_image_folders_hash_reads_only_the_files_whose_size_or_time_changed(project):
+    (project / ".dvc/tmp").mkdir(parents=True)
+    make_folder(project / "images")
+    first = check_inputs.folder_sha256(project / "images")
+    image = project / "images/train/cat/0.jpg"
+    seen = image.stat()
+    with open(image, "r+b") as file:  # the same size, inode and time: not read again, as DVC would not
+        file.write(b"\xff" * 4)
+    os.utime(image, ns=(seen.st_atime_ns, seen.st_mtime_ns))
+    assert check_inputs.folder_sha256(project / "images") == first
+    os.utime(image, ns=(seen.st_atime_ns, seen.st_mtime_ns + 1000))
+    touched = check_inputs.folder_sha256(project / "images")
+    assert touched != first
+    (project / "images/train/cat/new.png").write_bytes((project / "images/train/cat/1.JPEG").read_bytes())
+    added = check_inputs.folder_sha256(project / "images")
+    (project / "images/train/cat/new.png").unlink()
+    assert len({first, touched, added}) == 3 and check_inputs.folder_sha256(project / "images") == touched

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 import torchvision
 from PIL import Image
 
-from stages import augment, finetune, inputs, params
+from stages import augment, data, finetune, inputs, params
 from tests.conftest import CIFAR_JPEG, needs_shared, unpack_cifar_jpeg
 
 PRE = inputs.Preprocess((0.5, 0.5, 0.5), (0.25, 0.25, 0.25), "bicubic")
@@ -25,7 +25,7 @@ def test_model_input_resizes_and_normalises_on_the_device():
 def interpolate_crop_normalise(images, preprocess, size, crop_pct):
     """model_input the plain way: F.interpolate, slice, normalise."""
     x = images.permute(0, 3, 1, 2).float() / 255
-    side = inputs.resize_size(size, crop_pct)
+    side = params.resize_side(size, crop_pct)
     exact = {} if preprocess.interpolation == "nearest" else {"align_corners": False, "antialias": side < x.shape[-1]}
     x = F.interpolate(x, size=(side, side), mode=preprocess.interpolation, **exact).clamp(0, 1)
     top = int(round((side - size) / 2.0))
@@ -50,7 +50,7 @@ def test_crop_pct_resizes_then_takes_the_centre():
     cropped = inputs.model_input(images, PRE, 64, crop_pct=0.5)
     assert plain.shape == cropped.shape == (1, 3, 64, 64)
     assert plain[0, 0, :, 0].max() > 1.5 and cropped[0, 0].max() < -1.9
-    assert inputs.resize_size(224, 0.875) == 256
+    assert params.resize_side(224, 0.875) == 256
 
 
 def torchvision_reference(pil_images):
@@ -139,3 +139,16 @@ def test_finetune_batches_keep_or_drop_the_partial_last_batch_and_split_across_p
     for (x0, y0), (x1, y1), (x, y) in zip(*shares, epoch):
         assert len(y0) == len(y1) == 16 and torch.equal(torch.cat([y0, y1]), y)
         assert torch.allclose(torch.cat([x0, x1]), x)  # the same flips and crops in both processes
+
+
+def test_a_memory_mapped_split_gives_the_batches_of_the_same_images_in_memory(tmp_path):
+    images = torch.randint(0, 256, (37, 8, 8, 3), dtype=torch.uint8)
+    np.save(tmp_path / "x_images.npy", images.numpy())
+    np.save(tmp_path / "x_labels.npy", np.arange(37))
+    mapped, labels = data.open_split(tmp_path, "x")
+    cpu = torch.device("cpu")
+    from_file = [(x.clone(), n) for x, n in inputs.image_inputs(mapped, PRE, 8, 1.0, 16, cpu, flip=True)]
+    in_memory = list(inputs.image_inputs(images, PRE, 8, 1.0, 16, cpu, flip=True))
+    assert [n for _, n in from_file] == [16, 16, 5] == [n for _, n in in_memory]
+    assert all(torch.equal(a, b) for (a, _), (b, _) in zip(from_file, in_memory))
+    assert torch.equal(inputs.to_device(mapped, cpu), images) and inputs.to_device(labels, cpu).tolist() == list(range(37))

@@ -181,7 +181,7 @@ def test_a_trained_model_that_could_run_code_is_refused(project, strategy):
     assert not (project / "code-ran").exists()
 
 
-def test_editing_an_image_in_a_local_folder_reruns_prepare_data(dvc_project):
+def test_editing_adding_or_removing_an_image_in_a_local_folder_reruns_prepare_data(dvc_project):
     from PIL import Image
     for split in ("train", "test"):
         for label, colour in (("cat", (200, 30, 30)), ("dog", (30, 30, 200))):
@@ -195,6 +195,12 @@ def test_editing_an_image_in_a_local_folder_reruns_prepare_data(dvc_project):
     assert "prepare-data" not in ran_stages(run("dvc", "exp", "run", "prepare-data", *settings).stdout)
     Image.new("RGB", (16, 16), (0, 255, 0)).save(dvc_project / "images/train/cat/0.png")
     assert "prepare-data" in ran_stages(run("dvc", "exp", "run", "prepare-data", *settings).stdout)
+    Image.new("RGB", (16, 16), (0, 255, 0)).save(dvc_project / "images/train/cat/3.png")  # added
+    assert "prepare-data" in ran_stages(run("dvc", "exp", "run", "prepare-data", *settings).stdout)
+    (dvc_project / "images/train/dog/2.png").unlink()  # removed
+    assert "prepare-data" in ran_stages(run("dvc", "exp", "run", "prepare-data", *settings).stdout)
+    assert outputs.read_json(dvc_project / "data/prepared/manifest.json")["splits"]["train"]["per_class"] == {
+        "cat": 4, "dog": 2}
 
 
 def test_finetune_under_torchrun_with_two_processes_resumes_after_kill_9(dvc_project):
