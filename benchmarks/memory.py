@@ -53,7 +53,7 @@ def main():
 
     (small, small_arrays, small_peaks), (large, large_arrays, large_peaks) = rows[0], rows[-1]
     grown = large_arrays - small_arrays
-    print(f"\n| images | arrays (MiB) | prepare-data peak RSS (MiB) | cache-features peak RSS (MiB) |")
+    print("\n| images | arrays (MiB) | prepare-data peak RSS (MiB) | cache-features peak RSS (MiB) |")
     print("|---:|---:|---:|---:|")
     for count, arrays, peaks in rows:
         print(f"| {count:,} | {arrays / 2**20:,.0f} | {peaks['prepare_data'] / 2**20:,.0f} | "

@@ -56,10 +56,10 @@ def main():
 
 def write_photos(root: Path, count: int) -> None:
     """`count` 1600×1200 JPEGs in two classes, train and test: noise over a gradient, about 0.5 MB each."""
-    rng = np.random.default_rng(0)
-    gradient = np.linspace(0, 200, 1600, dtype=np.float32)[None, :, None]
+    noisy = np.linspace(0, 150, 1600, dtype=np.float32)[None, :, None] + \
+        np.random.default_rng(0).integers(0, 56, (1200, 1600, 3))
     for i in range(count):
-        pixels = (gradient + rng.integers(0, 56, (1200, 1600, 3))).astype(np.uint8)
+        pixels = (noisy + i % 50).astype(np.uint8)
         path = root / ("test" if i % 5 == 4 else "train") / f"class_{i // 5 % 2}" / f"{i}.jpg"
         path.parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(pixels).save(path, quality=85)

@@ -28,14 +28,11 @@ trained; ours caches the features once, then trains the head on them. Both use t
 dtype, batch size and optimizer, and no torch.compile.
 """
 import argparse
-import importlib.util
 import math
 import shutil
 import statistics
-import sys
 import tempfile
 import time
-import types
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, NamedTuple
@@ -45,24 +42,9 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-
-class DroppedLive:
-    """dvclive.Live where DVCLive is not installed (a GPU machine with torch but no DVC): logs are dropped."""
-    def __init__(self, *args, **kwargs):
-        self.summary = {}
-
-    def log_metric(self, *args, **kwargs): ...
-    def next_step(self): ...
-    def end(self): ...
-
-
-if importlib.util.find_spec("dvclive") is None:
-    sys.modules["dvclive"] = types.SimpleNamespace(Live=DroppedLive)  # before stages.loop imports it
-
-from stages import backbones, device as devices, inputs, loop, params  # noqa: E402
-from stages.cache_features import feature_dim, prepare_body, write_features  # noqa: E402
-from stages.finetune import train_batches  # noqa: E402
-from stages.train_heads import feature_batches, load_features  # noqa: E402
+from stages import backbones, device as devices, finetune, inputs, loop, params
+from stages.cache_features import feature_dim, prepare_body, write_features
+from stages.train_heads import feature_batches, load_features
 
 SIZES = {"small": {"models": "alexnet", "image_size": 64, "images": 1024},  # 4 batches of 256 per split
          "full": {"models": "alexnet,vgg16,timm/tf_efficientnet_lite0", "image_size": 224, "images": 20480}}
@@ -171,10 +153,7 @@ def finetune_runs(network, images, labels, p, s):
     cfg = replace(p.finetune, epochs=TIMED_EPOCHS, batch_size=batch_of(s, p.finetune.batch_size))
     backbones.set_trainable(network, cfg.unfreeze)
     model = devices.place(network.model, s.device)
-    body_params = [t for t in network.body.parameters() if t.requires_grad]
-    groups = [{"params": list(network.head.parameters()), "lr": cfg.lr}]
-    if body_params:
-        groups.append({"params": body_params, "lr": cfg.backbone_lr})
+    groups = finetune.parameter_groups(network, cfg)
     fast_model = devices.maybe_compile(model, s.compile)
     train_images, train_labels = images.to(s.device), labels.to(s.device)
     data_params = replace(p.data, image_size=s.image_size)
@@ -182,7 +161,7 @@ def finetune_runs(network, images, labels, p, s):
     def ours():
         checkpoints = loop.Checkpoints(s.folder / "checkpoints" / "last.pt", "benchmark", s.device,
                                        cfg.checkpoint_interval_s)
-        loop.fit(fast_model, groups, lambda generator: train_batches(
+        loop.fit(fast_model, groups, lambda generator: finetune.train_batches(
                      train_images, train_labels, cfg, data_params, network.preprocess, generator),
                  len(train_labels), None, cfg, p.seed, s.device, s.folder / "live", checkpoints, state_of=model)
         shutil.rmtree(checkpoints.path.parent, ignore_errors=True)  # as the stage does at its end; else the next run resumes
@@ -331,7 +310,7 @@ def print_row(stage, model, ours, bare, ratio) -> None:
 
 
 def print_tables(rows, naive_rows, n: int, epochs: int) -> None:
-    print(f"\n| stage | model | images/s ours | images/s bare | ratio (paired median) |\n|---|---|---:|---:|---:|")
+    print("\n| stage | model | images/s ours | images/s bare | ratio (paired median) |\n|---|---|---:|---:|---:|")
     for stage, model, ours, bare, ratio in rows:
         print(f"| {stage} | {model} | {ours:.1f} | {bare:.1f} | {ratio:.3f} |")
     print(f"\nFeature extraction, {n} images, {epochs} epochs of the head:\n"

@@ -78,7 +78,7 @@ def main():
 def compare_with_cache(head: torch.nn.Module, logits: torch.Tensor, device) -> dict:
     """Runs the head on the cached test features: the two paths must agree, or the cache is stale."""
     cached = torch.from_numpy(np.load(FEATURES / "test.npy"))
-    from_cache = loop.predict(head, ((x.to(device).float(), len(x)) for x in cached.split(4096)), device)
+    from_cache = loop.predict(head, loop.feature_inputs(cached, device), device)
     agreement = (from_cache.argmax(1) == logits.argmax(1)).float().mean().item()
     if agreement < MIN_AGREEMENT:
         raise UserError(f"the head agrees with the full model on only {agreement:.1%} of test images, "

@@ -70,18 +70,13 @@ def main():
     network = backbones.build(p.model, p.weights, data.num_classes(PREPARED), p.data.image_size)
     backbones.set_trainable(network, cfg.unfreeze)
     model = devices.place(network.model, device)
-    body_params = [t for t in network.body.parameters() if t.requires_grad]
-    groups = [{"params": list(network.head.parameters()), "lr": cfg.lr}]
-    if body_params:
-        groups.append({"params": body_params, "lr": cfg.backbone_lr})
+    groups = parameter_groups(network, cfg)
     train_images, train_labels = (inputs.to_device(a, device) for a in data.open_split(PREPARED, "train"))
     val_images, val_labels = (inputs.to_device(a, device) for a in data.open_split(PREPARED, "val"))
     if cfg.drop_last and len(train_labels) < cfg.batch_size:
         raise UserError(f"params.yaml: finetune.drop_last leaves no batch of {cfg.batch_size} from "
                         f"{len(train_labels)} training images: set finetune.drop_last: false or a smaller batch_size")
-    if cfg.crop_padding >= train_images.shape[1]:  # an image folder's size is known only now
-        raise UserError(f"params.yaml: finetune.crop_padding must be below the stored image size, "
-                        f"{train_images.shape[1]} px (got {cfg.crop_padding})")
+    params.check_crop_padding(cfg.crop_padding, train_images.shape[1])
     trained = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None) \
         if world > 1 else model
     fast_model = devices.maybe_compile(trained, p.compile)
@@ -117,6 +112,13 @@ def main():
     if world > 1:
         dist.barrier()
         dist.destroy_process_group()
+
+
+def parameter_groups(network: backbones.Network, cfg: params.FinetuneParams) -> list[dict]:
+    """The classifier at finetune.lr; the unfrozen blocks of the body, if any, at finetune.backbone_lr."""
+    groups = [{"params": list(network.head.parameters()), "lr": cfg.lr}]
+    body = [t for t in network.body.parameters() if t.requires_grad]
+    return groups + ([{"params": body, "lr": cfg.backbone_lr}] if body else [])
 
 
 def train_batches(images, labels, cfg: params.FinetuneParams, data_params: params.DataParams,

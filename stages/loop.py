@@ -8,8 +8,8 @@ interval) let an interrupted run resume exactly: each epoch seeds its own random
 Under torchrun (finetune.processes > 1) the epoch's sums are added up across processes, and
 only rank 0 writes DVCLive's files and the checkpoint.
 """
+import importlib.util
 import math
-import os
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -20,13 +20,13 @@ from typing import Callable, Iterable, Iterator
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from dvclive import Live
 from torch import nn
 from tqdm import tqdm
 
 from stages.backbones import keep_frozen_norms_in_eval, load_tensors
 from stages.device import autocast, is_main_process
 from stages.errors import UserError
+from stages.outputs import replaced
 from stages.params import TrainParams
 
 Batches = Iterator[tuple[torch.Tensor, torch.Tensor]]
@@ -68,7 +68,7 @@ def fit(model: nn.Module, param_groups: list[dict], train_batches: Callable[[tor
         scheduler.load_state_dict(saved["scheduler"])
         history, best_acc, best_epoch, best_state = (saved[k] for k in ("history", "best_acc", "best_epoch", "best_state"))
         print(f"resuming from {checkpoints.path} after epoch {len(history)}")
-    live = Live(str(live_dir), save_dvc_exp=False, dvcyaml=None, report=None) if is_main_process() else Silent()
+    live = open_live(live_dir)
     for record in history:  # the logs of a resumed run equal those of an uninterrupted one
         log_epoch(live, record, best_epoch)
     epochs = tqdm(range(len(history), cfg.epochs), desc="epochs", unit="epoch", initial=len(history), total=cfg.epochs)
@@ -177,14 +177,30 @@ def summed_across_processes(*values) -> list[float]:
     return totals.tolist()
 
 
+def open_live(folder: Path):
+    """DVCLive's log in `folder`, on the process that writes. Elsewhere, and where DVCLive is not
+    installed (a GPU machine with torch but no DVC, running the stages' functions), a Silent one."""
+    if not is_main_process() or importlib.util.find_spec("dvclive") is None:
+        return Silent()
+    from dvclive import Live
+    return Live(str(folder), save_dvc_exp=False, dvcyaml=None, report=None)
+
+
 class Silent:
-    """Stands in for DVCLive on ranks other than 0: DVCLive's files are written by rank 0 only."""
+    """DVCLive's Live, with every log dropped."""
     def __init__(self):
         self.summary = {}
 
-    def log_metric(self, *args, **kwargs): ...
-    def next_step(self): ...
-    def end(self): ...
+    def __getattr__(self, name):
+        return lambda *args, **kwargs: None
+
+
+FEATURE_BATCH = 4096  # cached feature vectors per forward of a head: it sets memory, not results
+
+
+def feature_inputs(features: torch.Tensor, device: torch.device) -> Iterator[tuple[torch.Tensor, int]]:
+    """(float32 inputs on the device, count) for fp16 features, in order, as predict takes them."""
+    return ((x.to(device).float(), len(x)) for x in features.split(FEATURE_BATCH))
 
 
 @torch.no_grad()
@@ -204,7 +220,7 @@ def loss_and_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float
     return F.cross_entropy(logits, labels).item(), (logits.argmax(1) == labels).float().mean().item()
 
 
-def log_epoch(live: Live, record: dict, best_epoch: int) -> None:
+def log_epoch(live, record: dict, best_epoch: int) -> None:
     for split in ("train", "val"):
         if f"{split}_loss" in record:
             live.log_metric(f"{split}/loss", record[f"{split}_loss"])
@@ -273,8 +289,5 @@ class Checkpoints:
 
 
 def save_checkpoint(path: Path, state: dict) -> None:
-    """Written beside, then renamed: a kill -9 leaves the previous epoch's checkpoint whole."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    torch.save(state, partial)
-    os.replace(partial, path)
+    with replaced(path) as partial:  # a kill -9 leaves the previous epoch's checkpoint whole
+        torch.save(state, partial)

@@ -4,9 +4,11 @@ DVC links outputs into its cache (hardlinks: see .dvc/config), so a stage never 
 an existing output file: it removes the path first and writes a new file.
 """
 import json
+import contextlib
 import os
 import shutil
 from pathlib import Path
+from typing import Iterator
 
 from stages.errors import UserError
 
@@ -22,12 +24,23 @@ def fresh_folder(folder: Path) -> Path:
     return folder
 
 
-def write_json(path: Path, content) -> None:
-    """Written beside, then renamed: readers never see half a file, and a cache link is replaced."""
+@contextlib.contextmanager
+def replaced(path: Path) -> Iterator[Path]:
+    """Where to write `path`'s new content, a file or a folder; when the block ends without an
+    error, it takes `path`'s place. Readers never see half an output, a kill -9 leaves the old one
+    whole, and a file that DVC linked into its cache is replaced, never written through."""
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(path.name + ".partial")
-    partial.write_text(json.dumps(content, indent=2) + "\n")
+    shutil.rmtree(partial) if partial.is_dir() else partial.unlink(missing_ok=True)
+    yield partial
+    if partial.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
     os.replace(partial, path)
+
+
+def write_json(path: Path, content) -> None:
+    with replaced(path) as partial:
+        partial.write_text(json.dumps(content, indent=2) + "\n")
 
 
 def read_json(path: Path):

@@ -203,8 +203,8 @@ class Params:
         _require(self.model.strip() == self.model and self.model not in ("", "timm/"), "model",
                  "must name a torchvision model or timm/<name>", self.model)
         stored = self.data.stored_size or (None if self.data.source == "imagefolder" else 32)
-        _require(stored is None or self.finetune.crop_padding < stored, "finetune.crop_padding",
-                 f"must be below the stored image size, {stored} px", self.finetune.crop_padding)
+        if stored:  # an image folder's own size is known once it is prepared: finetune checks it then
+            check_crop_padding(self.finetune.crop_padding, stored)
         _require(self.train_heads.probe_layer == "penultimate" or self.model == "alexnet"
                  or self.model.startswith("vgg"), "train_heads.probe_layer",
                  "fc6 and body need AlexNet's or VGG's classifier: use penultimate", self.train_heads.probe_layer)
@@ -233,6 +233,10 @@ def load(path=PARAMS_FILE) -> Params:
 
 def resize_side(size: int, crop_pct: float) -> int:
     return math.floor(size / crop_pct)  # timm's rule; 224 / 0.875 = 256
+
+
+def check_crop_padding(padding: int, stored: int) -> None:
+    _require(padding < stored, "finetune.crop_padding", f"must be below the stored image size, {stored} px", padding)
 
 
 def _require(ok: bool, key: str, rule: str, value) -> None:

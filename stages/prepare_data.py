@@ -6,10 +6,9 @@ Writes data/prepared/{train,val,test}_{images,labels}.npy and manifest.json, an 
 time: memory does not grow with the data. The same params (data.split_seed among them; the
 training seed is not) give byte-identical files.
 """
-import shutil
 from pathlib import Path
 
-from stages import data, params
+from stages import data, outputs, params
 from stages.errors import run_stage
 
 OUT = Path("data/prepared")
@@ -17,11 +16,8 @@ OUT = Path("data/prepared")
 
 def main():
     p = params.load()
-    partial = OUT.with_name(OUT.name + ".partial")  # an error never leaves half an output
-    shutil.rmtree(partial, ignore_errors=True)
-    manifest = data.prepare(p.data, partial)
-    shutil.rmtree(OUT, ignore_errors=True)
-    partial.rename(OUT)
+    with outputs.replaced(OUT) as partial:
+        manifest = data.prepare(p.data, partial)
     counts = ", ".join(f"{name} {manifest['splits'][name]['count']}" for name in data.SPLITS)
     print(f"prepared {p.data.source}: {counts} images in {len(manifest['classes'])} classes, "
           f"stored at {manifest['stored_size']['side']} px")

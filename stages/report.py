@@ -371,6 +371,22 @@ def _save(fig, path: Path) -> None:
     plt.close(fig)
 
 
+def comma_list(option: str, text: str) -> list[str]:
+    """A comma-separated list with no empty or repeated item."""
+    items = [item.strip() for item in text.split(",")]
+    if not all(items) or len(set(items)) != len(items):
+        raise UserError(f"{option} {text!r}: must be a comma-separated list with no empty or repeated item")
+    return items
+
+
+def seed_list(text: str) -> list[int]:
+    """--seeds: integers >= 0, comma-separated."""
+    seeds = comma_list("--seeds", text)
+    if not all(s.isdigit() for s in seeds):
+        raise UserError(f"--seeds {text}: must be integers >= 0, comma-separated, e.g. 0,1,2")
+    return [int(s) for s in seeds]
+
+
 def select(records: list[dict], models=None, strategies=None, seeds=None) -> list[dict]:
     """The records of the given models, strategies and seeds (None: all)."""
     return [r for r in records if (not models or r["params"].get("model") in models)
@@ -400,11 +416,10 @@ def main():
 
         remotes.check(args.remote)
         remotes.pull(args.remote, args.all_commits)
-    if args.seeds and not all(s.isdigit() for s in args.seeds.split(",")):
-        raise UserError(f"--seeds {args.seeds}: must be integers >= 0, comma-separated, e.g. 0,1,2")
-    records = select(experiments(exp_show(args.all_commits)), models=args.models and args.models.split(","),
-                     strategies=args.strategies and args.strategies.split(","),
-                     seeds=args.seeds and [int(s) for s in args.seeds.split(",")])
+    records = select(experiments(exp_show(args.all_commits)),
+                     models=args.models and comma_list("--models", args.models),
+                     strategies=args.strategies and comma_list("--strategies", args.strategies),
+                     seeds=args.seeds and seed_list(args.seeds))
     if not records:
         raise UserError("no DVC experiments match: run python -m stages.study first")
     write_report(results_table(records), records)

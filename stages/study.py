@@ -39,7 +39,7 @@ from tqdm import tqdm
 
 from stages import protocols, remotes, report
 from stages.errors import UserError, run_stage
-from stages.report import dvc, flat
+from stages.report import comma_list, dvc, flat
 
 STRATEGIES = ("feature_extraction", "finetune")
 GRID_KEYS = ("model", "strategy", "seed")  # set by --models, --strategies and --seeds
@@ -72,22 +72,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     unknown = [s for s in args.strategies if s not in STRATEGIES]
     if unknown:
         raise UserError(f"--strategies: unknown {', '.join(unknown)} (known: {', '.join(STRATEGIES)})")
-    seeds = comma_list("--seeds", args.seeds)
-    if not all(s.isdigit() for s in seeds):
-        raise UserError(f"--seeds {args.seeds}: must be integers >= 0, comma-separated, e.g. 0,1,2")
-    args.seeds = [int(s) for s in seeds]
+    args.seeds = report.seed_list(args.seeds)
     args.gpus = None if args.gpus is None else comma_list("--gpus", args.gpus)
     args.shard, args.shard_source = shard_and_source(args.shard)
     args.overrides = {**protocols.overrides(args.protocol), **parse_overrides(args.overrides)}
     return args
-
-
-def comma_list(option: str, text: str) -> list[str]:
-    """A comma-separated list with no empty or repeated item."""
-    items = [item.strip() for item in text.split(",")]
-    if not all(items) or len(set(items)) != len(items):
-        raise UserError(f"{option} {text!r}: must be a comma-separated list with no empty or repeated item")
-    return items
 
 
 def shard_and_source(option: str | None) -> tuple[tuple[int, int], str]:

@@ -17,7 +17,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from dvclive import Live
 from torch import nn
 
 from stages import backbones, data, device as devices, inputs, loop, outputs, params, probe
@@ -56,7 +55,7 @@ def main():
                                generator)
 
     def validate():
-        batches = ((x.to(device).float(), len(x)) for x in features["val"].split(4096))
+        batches = loop.feature_inputs(features["val"], device)
         return loop.loss_and_accuracy(loop.predict(head, batches, device), labels["val"])
 
     trainable = [t for t in head.parameters() if t.requires_grad]
@@ -86,7 +85,7 @@ def fit_probe(head: nn.Module, features: dict, labels: dict, classes: int) -> No
         last.bias.copy_(bias)
     torch.save({"head": {k: v.cpu() for k, v in head.state_dict().items()}, "l2": l2}, OUT / "model.pt")
     seconds = time.perf_counter() - started
-    live = Live(str(LIVE), save_dvc_exp=False, dvcyaml=None, report=None)
+    live = loop.open_live(LIVE)
     live.log_plot("l2_search", search, x="log10_l2", y="val_accuracy", template="linear",
                   title="Linear probe: validation accuracy per L2 strength", x_label="log10 of the L2 strength",
                   y_label="validation accuracy")
@@ -105,7 +104,7 @@ def fit_probe(head: nn.Module, features: dict, labels: dict, classes: int) -> No
 def probe_inputs(frozen: nn.Module, features: torch.Tensor, device: torch.device) -> torch.Tensor:
     """float32 inputs of the last Linear: the frozen rest of the head (FC6, FC7) in eval mode, on the device."""
     frozen.eval()
-    return torch.cat([frozen(x.to(device).float()) for x in features.split(4096)])
+    return torch.cat([frozen(x) for x, _count in loop.feature_inputs(features, device)])
 
 
 def load_features(path: Path, device: torch.device) -> torch.Tensor:
