@@ -43,6 +43,7 @@ from PIL import Image
 from torch import nn
 
 from stages import backbones, device as devices, finetune, inputs, loop, params
+from stages.checkpoints import Checkpoints
 from stages.cache_features import feature_dim, prepare_body, write_features
 from stages.train_heads import feature_batches, load_features
 
@@ -140,8 +141,9 @@ def train_heads_runs(network, images, labels, p, s):
     groups = [{"params": [t for t in head.parameters() if t.requires_grad], "lr": cfg.lr}]
 
     def ours():
-        loop.fit(head, groups, lambda generator: feature_batches(features, None, targets, cfg.batch_size, generator),
-                 len(targets), None, cfg, p.seed, s.device, s.folder / "live")
+        loop.fit(loop.Training(head, groups, lambda generator: feature_batches(
+                     features, None, targets, cfg.batch_size, generator), len(targets)),
+                 cfg, p.seed, s.device, s.folder / "live")
 
     ready = list(zip(features[:cfg.batch_size * READY_BATCHES].float().split(cfg.batch_size),
                      targets[:cfg.batch_size * READY_BATCHES].split(cfg.batch_size)))
@@ -159,11 +161,12 @@ def finetune_runs(network, images, labels, p, s):
     data_params = replace(p.data, image_size=s.image_size)
 
     def ours():
-        checkpoints = loop.Checkpoints(s.folder / "checkpoints" / "last.pt", "benchmark", s.device,
-                                       cfg.checkpoint_interval_s)
-        loop.fit(fast_model, groups, lambda generator: finetune.train_batches(
+        checkpoints = Checkpoints(s.folder / "checkpoints" / "last.pt", "benchmark", s.device,
+                                  cfg.checkpoint_interval_s)
+        loop.fit(loop.Training(fast_model, groups, lambda generator: finetune.train_batches(
                      train_images, train_labels, cfg, data_params, network.preprocess, generator),
-                 len(train_labels), None, cfg, p.seed, s.device, s.folder / "live", checkpoints, state_of=model)
+                     len(train_labels), state_of=model),
+                 cfg, p.seed, s.device, s.folder / "live", checkpoints)
         shutil.rmtree(checkpoints.path.parent, ignore_errors=True)  # as the stage does at its end; else the next run resumes
 
     ready = list(zip(ready_inputs(images, network.preprocess, s, cfg.batch_size),
@@ -298,8 +301,9 @@ def our_feature_extraction(network, images, labels, p, s: Setup, epochs: int) ->
     backbones.set_head_trainable(network, "last")
     head = network.head.to(s.device)
     groups = [{"params": [t for t in head.parameters() if t.requires_grad], "lr": cfg.lr}]
-    loop.fit(head, groups, lambda generator: feature_batches(features, None, targets, cfg.batch_size, generator),
-             len(targets), None, cfg, p.seed, s.device, s.folder / "live")
+    loop.fit(loop.Training(head, groups, lambda generator: feature_batches(
+                 features, None, targets, cfg.batch_size, generator), len(targets)),
+             cfg, p.seed, s.device, s.folder / "live")
     if s.device.type == "cuda":
         torch.cuda.synchronize()
     return time.perf_counter() - started

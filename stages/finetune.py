@@ -38,6 +38,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from stages import augment, backbones, data, device as devices, errors, inputs, loop, outputs, params
+from stages.checkpoints import Checkpoints
 from stages.errors import UserError, run_stage
 
 PREPARED = Path("data/prepared")
@@ -93,13 +94,13 @@ def main():
             (logits.argmax(1) == labels).sum(), len(labels))
         return loss_sum / count, correct / count
 
-    checkpoints = loop.Checkpoints(CHECKPOINTS / key[:16] / "last.pt", key, device, cfg.checkpoint_interval_s) \
+    checkpoints = Checkpoints(CHECKPOINTS / key[:16] / "last.pt", key, device, cfg.checkpoint_interval_s) \
         if cfg.nodes == 1 else None
+    training = loop.Training(fast_model, groups, lambda generator: train_batches(
+                                 train_images, train_labels, cfg, p.data, network.preprocess, generator, rank, world),
+                             len(train_labels), validate if len(val_labels) else None, state_of=model)
     try:
-        fitted = loop.fit(fast_model, groups, lambda generator: train_batches(
-                              train_images, train_labels, cfg, p.data, network.preprocess, generator, rank, world),
-                          len(train_labels), validate if len(val_labels) else None,
-                          cfg, p.seed, device, LIVE, checkpoints, state_of=model)
+        fitted = loop.fit(training, cfg, p.seed, device, LIVE, checkpoints)
     except RuntimeError as error:  # gloo and NCCL raise it (or DistError, a subclass) when a peer is lost
         if cfg.nodes == 1 or not isinstance(error, dist.DistError) and "gloo" not in str(error):
             raise

@@ -3,16 +3,14 @@
 SGD (with momentum, optionally Nesterov), Adam or AdamW with one learning rate per parameter
 group, an optional warm-up and cosine schedule per step, and either the best epoch by
 validation accuracy (with optional early stopping) or, without a validation split, the last
-epoch. DVCLive records every epoch. Optional checkpoints (at an epoch's end, at most one per
-interval) let an interrupted run resume exactly: each epoch seeds its own random numbers.
+epoch. DVCLive records every epoch. Optional checkpoints (stages/checkpoints.py) let an
+interrupted run resume exactly: each epoch seeds its own random numbers.
 Under torchrun (finetune.processes > 1) the epoch's sums are added up across processes, and
 only rank 0 writes DVCLive's files and the checkpoint.
 """
 import importlib.util
 import math
-import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
@@ -23,10 +21,9 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from stages.backbones import keep_frozen_norms_in_eval, load_tensors
+from stages.backbones import keep_frozen_norms_in_eval
+from stages.checkpoints import Checkpoints, host_copy
 from stages.device import autocast, is_main_process
-from stages.errors import UserError
-from stages.outputs import replaced
 from stages.params import TrainParams
 
 Batches = Iterator[tuple[torch.Tensor, torch.Tensor]]
@@ -50,13 +47,22 @@ def make_optimizer(cfg: TrainParams, param_groups: list[dict]) -> torch.optim.Op
     return kind(param_groups, weight_decay=cfg.weight_decay, fused=True)  # fused: 40 % faster on CPU too
 
 
-def fit(model: nn.Module, param_groups: list[dict], train_batches: Callable[[torch.Generator], Batches],
-        n_train: int, validate: Validate | None, cfg: TrainParams, seed: int, device: torch.device,
-        live_dir: Path, checkpoints: "Checkpoints | None" = None, state_of: nn.Module | None = None) -> Fitted:
-    """`validate` None: no validation split, so the model after the last epoch is the result.
-    `state_of`: the module whose state_dict is saved, when `model` is its torch.compile'd wrapper."""
-    state_of = state_of or model
-    optimizer = make_optimizer(cfg, param_groups)
+@dataclass
+class Training:
+    """What a stage hands to fit."""
+    model: nn.Module  # what runs forward: the module itself, or its torch.compile'd or DDP wrapper
+    param_groups: list[dict]  # for the optimizer: parameters, and a learning rate each
+    batches: Callable[[torch.Generator], Batches]  # one epoch's (inputs, labels), drawn with its generator
+    n_train: int  # training images or feature vectors
+    validate: Validate | None = None  # (loss, accuracy) on val; None: no val split, the last epoch is the result
+    state_of: nn.Module | None = None  # whose state_dict is the result, when `model` wraps it
+
+
+def fit(training: Training, cfg: TrainParams, seed: int, device: torch.device, live_dir: Path,
+        checkpoints: Checkpoints | None = None) -> Fitted:
+    model, validate, n_train = training.model, training.validate, training.n_train
+    state_of = training.state_of or model
+    optimizer = make_optimizer(cfg, training.param_groups)
     steps_per_epoch = cfg.steps_per_epoch(n_train)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(
         step, cfg.warmup_epochs * steps_per_epoch, cfg.epochs * steps_per_epoch, cfg.schedule))
@@ -79,7 +85,7 @@ def fit(model: nn.Module, param_groups: list[dict], train_batches: Callable[[tor
         torch.manual_seed(seed * 1_000_003 + epoch)  # dropout
         generator = torch.Generator(device).manual_seed(seed * 1_000_003 + epoch)  # order, augmentation
         started = time.perf_counter()
-        train_loss, train_acc = train_one_epoch(model, optimizer, scheduler, train_batches(generator),
+        train_loss, train_acc = train_one_epoch(model, optimizer, scheduler, training.batches(generator),
                                                 steps_per_epoch, device, f"epoch {epoch + 1}", cfg.label_smoothing)
         seconds = time.perf_counter() - started
         record = {"epoch": epoch + 1, "train_loss": train_loss, "train_accuracy": train_acc, "seconds": seconds}
@@ -113,19 +119,6 @@ def fit(model: nn.Module, param_groups: list[dict], train_batches: Callable[[tor
         live.summary["best_val_accuracy"] = best_acc
     live.end()
     return fitted
-
-
-def host_copy(value, pinned: bool = False):
-    """`value` with each tensor in its dicts and lists copied to host memory. pinned: into
-    page-locked memory, asynchronously from a GPU; synchronise before reading the copies."""
-    if isinstance(value, torch.Tensor):  # same strides: a fused optimizer resumed on channels_last needs them
-        copy = torch.empty_like(value, device="cpu", pin_memory=pinned)
-        return copy.copy_(value.detach(), non_blocking=pinned)
-    if isinstance(value, dict):
-        return {k: host_copy(v, pinned) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(host_copy(v, pinned) for v in value)
-    return value
 
 
 def save_trained(path: Path, fitted: Fitted, state_key: str) -> None:
@@ -227,67 +220,3 @@ def log_epoch(live, record: dict, best_epoch: int) -> None:
             live.log_metric(f"{split}/accuracy", record[f"{split}_accuracy"])
     live.summary["best_epoch"] = best_epoch
     live.next_step()
-
-
-class Checkpoints:
-    """Where an interrupted fit resumes from: one file, for one fingerprint (params and data).
-
-    Written at the end of an epoch once `interval_s` seconds of training have passed since the
-    last one (0: every epoch), so that a fast GPU epoch does not pay for a 1.1 GB write each
-    time (VGG16 with SGD; AlexNet's 0.46 GB took 0.4-0.9 s on the 2-core CPU). The write runs in
-    a background thread from a host copy taken at once, while the next epoch trains; one at a
-    time, and close() waits for the last. A kill -9 during a write leaves the previous file whole.
-    """
-    def __init__(self, path: Path, fingerprint: str, device: torch.device, interval_s: float = 0.0):
-        self.path, self.fingerprint, self.interval_s = path, fingerprint, interval_s
-        self.on_gpu = device.type == "cuda"
-        self.unsaved_s, self.thread, self.writing = 0.0, ThreadPoolExecutor(1), None
-
-    def load(self) -> dict | None:
-        """The checkpoint if it was written for the same fingerprint. One that can't be read
-        safely is ignored with a warning, and training starts over."""
-        if not self.path.exists():
-            return None
-        try:
-            saved = load_tensors(self.path)
-        except UserError as error:
-            print(f"warning: {error}; training starts over", file=sys.stderr)
-            return None
-        if not isinstance(saved, dict) or saved.get("fingerprint") != self.fingerprint:
-            print(f"ignoring {self.path}: it was written for other params or data")
-            return None
-        return saved
-
-    def due(self, epoch_seconds: float) -> bool:
-        self.unsaved_s += epoch_seconds
-        return self.unsaved_s >= self.interval_s
-
-    def save(self, changing: dict, settled: dict) -> None:
-        """`changing`: tensors that training goes on updating in place, copied now; `settled`:
-        values that no longer change (best_state is replaced, never updated), written as they are."""
-        copied = {**host_copy(changing, pinned=self.on_gpu), **settled, "fingerprint": self.fingerprint}
-        ready = torch.cuda.Event() if self.on_gpu else None
-        if ready:
-            ready.record()
-        self.wait()
-        self.writing = self.thread.submit(self.write, copied, ready)
-        self.unsaved_s = 0.0
-
-    def write(self, state: dict, ready) -> None:
-        if ready:
-            ready.synchronize()  # the copies off the GPU are complete
-        save_checkpoint(self.path, state)
-
-    def wait(self) -> None:
-        if self.writing:
-            self.writing.result()  # raises what the write raised
-            self.writing = None
-
-    def close(self) -> None:
-        self.wait()
-        self.thread.shutdown()
-
-
-def save_checkpoint(path: Path, state: dict) -> None:
-    with replaced(path) as partial:  # a kill -9 leaves the previous epoch's checkpoint whole
-        torch.save(state, partial)

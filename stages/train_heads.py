@@ -59,8 +59,9 @@ def main():
         return loop.loss_and_accuracy(loop.predict(head, batches, device), labels["val"])
 
     trainable = [t for t in head.parameters() if t.requires_grad]
-    fitted = loop.fit(head, [{"params": trainable, "lr": cfg.lr}], train_batches, len(labels["train"]),
-                      validate if len(labels["val"]) else None, cfg, p.seed, device, LIVE)
+    training = loop.Training(head, [{"params": trainable, "lr": cfg.lr}], train_batches, len(labels["train"]),
+                             validate if len(labels["val"]) else None)
+    fitted = loop.fit(training, cfg, p.seed, device, LIVE)
     loop.save_trained(OUT / "model.pt", fitted, "head")
     outputs.write_json(L2_SEARCH, [])
 

@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from stages import loop
+from stages.checkpoints import Checkpoints, host_copy
 from stages.params import TrainParams
 
 
@@ -36,9 +37,10 @@ def fit(tmp_path, config: TrainParams, val_accuracies=None, validation=True, che
         loss, accuracy = loop.loss_and_accuracy(loop.predict(model, [(x, len(x))], torch.device("cpu")), y)
         return loss, next(scripted, accuracy)
 
-    return loop.fit(model, [{"params": model.parameters(), "lr": config.lr}], batches, len(y),
-                    validate if validation else None, config, 0, torch.device("cpu"), tmp_path / "live",
-                    loop.Checkpoints(checkpoint, "test", torch.device("cpu")) if checkpoint else None)
+    training = loop.Training(model, [{"params": model.parameters(), "lr": config.lr}], batches, len(y),
+                             validate if validation else None)
+    return loop.fit(training, config, 0, torch.device("cpu"), tmp_path / "live",
+                    Checkpoints(checkpoint, "test", torch.device("cpu")) if checkpoint else None)
 
 
 @pytest.mark.parametrize("optimizer", ["sgd", "adam", "adamw"])
@@ -87,7 +89,7 @@ def test_a_corrupt_or_malicious_checkpoint_is_ignored_with_a_warning(tmp_path, c
 def test_host_copies_are_copies_with_the_same_memory_layout():
     weight = torch.randn(2, 3, 4, 4).to(memory_format=torch.channels_last)
     state = {"model": {"weight": weight}, "history": [{"epoch": 1}], "betas": (0.9, 0.99)}
-    copied = loop.host_copy(state)
+    copied = host_copy(state)
     assert copied == {**state, "model": copied["model"]} and torch.equal(copied["model"]["weight"], weight)
     assert copied["model"]["weight"].stride() == weight.stride()  # a fused optimizer resumed on it needs these
     weight.add_(1)
@@ -95,9 +97,9 @@ def test_host_copies_are_copies_with_the_same_memory_layout():
 
 
 def test_checkpoints_are_written_once_their_interval_of_training_has_passed(tmp_path):
-    every_epoch = loop.Checkpoints(tmp_path / "a" / "last.pt", "test", torch.device("cpu"), interval_s=0)
+    every_epoch = Checkpoints(tmp_path / "a" / "last.pt", "test", torch.device("cpu"), interval_s=0)
     fit(tmp_path / "a", cfg(epochs=3), checkpoint=every_epoch.path)
     assert len(every_epoch.load()["history"]) == 2  # after epochs 1 and 2; the stage saves the last
-    rarely = loop.Checkpoints(tmp_path / "b" / "last.pt", "test", torch.device("cpu"), interval_s=3600)
+    rarely = Checkpoints(tmp_path / "b" / "last.pt", "test", torch.device("cpu"), interval_s=3600)
     assert [rarely.due(0.4) for _ in range(3)] == [False, False, False]
-    assert loop.Checkpoints(tmp_path / "c.pt", "test", torch.device("cpu"), interval_s=1.0).due(1.0)
+    assert Checkpoints(tmp_path / "c.pt", "test", torch.device("cpu"), interval_s=1.0).due(1.0)
