@@ -7,9 +7,10 @@ which validates params.yaml first: a bad value stops `dvc repro` with one line, 
 earlier output stays. Then it writes data/inputs/source.json and data/inputs/weights.json,
 with the content hash of a local image folder or weights file: DVC tracks params, not the
 files that they name, so these make editing an image or swapping a weights file rerun what
-reads it, and nothing else. An image's hash is remembered until its size or modification
-time changes, so that an unchanged folder is not read again. The stage runs every time (always_changed), but its outputs
-change only when the inputs do. Downloads (CIFAR, hub weights) are checked by their own md5.
+reads it, and nothing else. An image's hash is remembered until its inode, size or
+modification time changes, so that an unchanged folder is not read again. The stage runs
+every time (always_changed), but its outputs change only when the inputs do. Downloads
+(CIFAR, hub weights) are checked by their own md5.
 """
 import hashlib
 import json
@@ -25,7 +26,7 @@ from stages.errors import run_stage
 
 OUT = Path("data/inputs")
 KNOWN_MODELS = Path(".dvc/tmp/known_models.json")  # model names and image sizes already checked, per registry version
-FILE_HASHES = Path(".dvc/tmp/file_hashes.json")  # {image folder: {file: "inode:size:mtime_ns:sha256"}}
+FILE_HASHES = Path(".dvc/tmp/file_hashes.json")  # {the last image folder hashed: {file: "inode:size:mtime_ns:sha256"}}
 
 
 def main():

@@ -17,7 +17,7 @@ from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from stages.errors import UserError
-from stages.params import DataParams
+from stages.params import DataParams, resize_side
 
 SPLITS = ("train", "val", "test")
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
@@ -103,7 +103,7 @@ def stored_side(data: DataParams, sizes: list[tuple[int, int]]) -> tuple[int, di
     if len(shapes) <= 1 and all(w == h for w, h in shapes):
         side = next(iter(shapes), (32, 32))[0]
         return side, {"side": side, "chosen_by": "the images' own size (all of them are this size)"}
-    side = data.resize_side
+    side = resize_side(data.image_size, data.crop_pct)
     return side, {"side": side, "chosen_by": "data.image_size / data.crop_pct, since the images differ in size",
                   "enlarged": sum(min(w, h) < side for w, h in sizes)}
 

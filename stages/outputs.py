@@ -3,8 +3,8 @@
 DVC links outputs into its cache (hardlinks: see .dvc/config), so a stage never writes into
 an existing output file: it removes the path first and writes a new file.
 """
-import json
 import contextlib
+import json
 import os
 import shutil
 from pathlib import Path

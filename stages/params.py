@@ -41,7 +41,7 @@ class DataParams:
     crop_pct: float  # resize to image_size / crop_pct, then center-crop image_size
     val_fraction: float  # share of each train class held out for validation; 0: none
     limit_per_class: Union[int, None]  # cap per class and split, applied before the val carve
-    stored_size: Union[int, None]  # side of the stored uint8 images; null: chosen by data.stored_side
+    stored_size: Union[int, None]  # side of the stored uint8 images; null: chosen by data.stored_side()
     skip_unreadable: bool  # image folder: skip files PIL cannot read instead of failing
     synthetic: SyntheticParams
 
@@ -65,11 +65,6 @@ class DataParams:
                 _require(Path(self.root, split).is_dir(), "data.root",
                          f"must hold {split}/<class>/ image folders; set it to your image folder's root",
                          self.root)
-
-    @property
-    def resize_side(self) -> int:
-        """The side that images are resized to before the center crop."""
-        return resize_side(self.image_size, self.crop_pct)
 
     @property
     def has_validation(self) -> bool:
