@@ -7,7 +7,7 @@
     python -m benchmarks.choose_recipe probe --model alexnet --weights imagenet \\
         --image-size 224 --only penultimate,fc6,body                   # which layer feeds AlexNet's probe
 
-Each candidate is the `best` protocol (stages/protocols.yaml) with a few overrides, run by the
+Each candidate is the `best` protocol (stages/study/protocols.yaml) with a few overrides, run by the
 stages themselves (prepare-data once, then cache-features and train-heads, or finetune) in a
 scratch folder, without DVC. Printed per candidate: the best validation accuracy, the epoch or
 L2 strength that reached it, and the training seconds. The test split is never read: evaluate
@@ -24,7 +24,7 @@ from pathlib import Path
 
 import yaml
 
-from stages import protocols
+from stages.study import protocols
 
 REPO = Path(__file__).resolve().parents[1]
 FINETUNE_CANDIDATES = {  # on top of protocols.yaml's `best`

@@ -2,7 +2,7 @@
 # The study on a SLURM cluster, one array task per shard of the grid:
 #   sbatch --array=1-4 launch/slurm.sh                       # 4 shards; each runs its cells and pushes them
 #   REPO=git@host:lab/transfer.git COMMIT=abc123 SEEDS=0,1,2 sbatch --array=1-4 launch/slurm.sh
-# Then, anywhere: python -m stages.report --remote origin
+# Then, anywhere: python -m stages.study.report --remote origin
 # Expects:
 # - REPO: the git remote (origin) that every node can push to; COMMIT: the commit that every task runs
 #   (default main: pin it, or a push to main while the array waits gives later tasks another grid).

@@ -20,27 +20,24 @@ from tqdm import tqdm
 from stages import backbones, data, device as devices, inputs, outputs, params
 from stages.errors import UserError, run_stage
 
-PREPARED = Path("data/prepared")
-OUT = Path("data/features")
-METRICS = Path("metrics/features.json")
 IN_FLIGHT = 3  # batches whose copy to the host and disk write may still be running
 
 
 def main():
     p = params.load()
     if p.strategy == "feature_extraction":
-        outputs.require(PREPARED / "manifest.json")
-    if not outputs.chosen_strategy(OUT, p.strategy, "feature_extraction"):
-        outputs.write_json(METRICS, {"features": {"time_s": 0.0, "vectors": 0}})
+        outputs.require(outputs.PREPARED / "manifest.json")
+    if not outputs.chosen_strategy(outputs.FEATURES, p.strategy, "feature_extraction"):
+        outputs.write_json(outputs.FEATURE_METRICS, {"time_s": 0.0, "images_per_s": 0.0})
         return
     device = devices.setup(p.device)
-    network = backbones.build(p.model, p.weights, data.num_classes(PREPARED), p.data.image_size)
+    network = backbones.build(p.model, p.weights, data.num_classes(outputs.PREPARED), p.data.image_size)
     body = prepare_body(network.body, device)
     jobs = [("train", False), ("train", True), ("val", False), ("test", False)]
     jobs = [(split, flip) for split, flip in jobs if p.features.flip or not flip]
-    images = {split: data.open_split(PREPARED, split)[0] for split in data.SPLITS}
+    images = {split: data.open_split(outputs.PREPARED, split)[0] for split in data.SPLITS}
     dim = feature_dim(body, network.preprocess, p.data, device)
-    check_free_space(OUT, sum(len(images[split]) for split, _ in jobs) * dim * 2)
+    check_free_space(outputs.FEATURES, sum(len(images[split]) for split, _ in jobs) * dim * 2)
     fast_body = devices.maybe_compile(body, p.compile)
     splits, started = {}, time.perf_counter()
     for split, flip in jobs:
@@ -48,17 +45,15 @@ def main():
         split_images = images[split]
         batches = inputs.image_inputs(split_images, network.preprocess, p.data.image_size, p.data.crop_pct,
                                       p.features.batch_size, device, flip=flip)
-        write_features(fast_body, batches, len(split_images), p.features.batch_size, dim, OUT / f"{name}.npy",
+        write_features(fast_body, batches, len(split_images), p.features.batch_size, dim, outputs.FEATURES / f"{name}.npy",
                        device, name)
         splits[name] = [len(split_images), dim]
     seconds = time.perf_counter() - started
     total = sum(count for count, _ in splits.values())
-    outputs.write_json(OUT / "manifest.json", {
+    outputs.write_json(outputs.FEATURES / "manifest.json", {
         "model": p.model, "weights": p.weights, "image_size": p.data.image_size, "crop_pct": p.data.crop_pct,
         "dtype": "float16", "splits": splits, "device": device.type})
-    outputs.write_json(METRICS, {"features": {"time_s": round(seconds, 2), "vectors": total,
-                                              "images_per_s": round(total / seconds, 1),
-                                              "device": devices.describe(device)}})
+    outputs.write_json(outputs.FEATURE_METRICS, {"time_s": round(seconds, 2), "images_per_s": round(total / seconds, 1)})
     print(f"cached {total} feature vectors of {dim} values at {total / seconds:.1f} images/s on {device}")
 
 

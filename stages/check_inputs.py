@@ -24,7 +24,6 @@ from tqdm import tqdm
 from stages import outputs, params
 from stages.errors import run_stage
 
-OUT = Path("data/inputs")
 KNOWN_MODELS = Path(".dvc/tmp/known_models.json")  # model names and image sizes already checked, per registry version
 FILE_HASHES = Path(".dvc/tmp/file_hashes.json")  # {the last image folder hashed: {file: "inode:size:mtime_ns:sha256"}}
 
@@ -32,8 +31,8 @@ FILE_HASHES = Path(".dvc/tmp/file_hashes.json")  # {the last image folder hashed
 def main():
     p = params.load()
     check_model(p.model, p.data.image_size)
-    outputs.write_json(OUT / "source.json", source_fingerprint(p.data))
-    outputs.write_json(OUT / "weights.json", weights_fingerprint(p.model, p.weights))
+    outputs.write_json(outputs.INPUTS / "source.json", source_fingerprint(p.data))
+    outputs.write_json(outputs.INPUTS / "weights.json", weights_fingerprint(p.model, p.weights))
 
 
 def check_model(name: str, image_size: int) -> None:

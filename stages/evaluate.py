@@ -6,11 +6,10 @@ Always runs on images, never on cached features, so both strategies are measured
 way. evaluate.flip averages each image's logits with its mirror image's. For feature extraction
 it also runs the head on the cached test features and records how far the two paths' logits
 differ (the unflipped images'; the cache holds no flipped test features). Writes
-metrics/metrics.json (test accuracy, and the whole cell's cost: the feature cache's time plus
-training's), plots/data/ for `dvc plots`, and PNGs.
+metrics/metrics.json (test accuracy and loss, and the whole cell's cost: the feature cache's
+time plus training's, each recorded by its own stage), plots/data/ for `dvc plots` (per-class
+accuracy too), and PNGs.
 """
-import time
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -18,25 +17,19 @@ import torch
 from stages import backbones, data, device as devices, figures, inputs, loop, outputs, params
 from stages.errors import UserError, run_stage
 
-PREPARED = Path("data/prepared")
-FEATURES = Path("data/features")
-FEATURE_METRICS = Path("metrics/features.json")
-TRAINED = {"feature_extraction": (Path("models/train_heads/model.pt"), Path("live/train_heads"), "head"),
-           "finetune": (Path("models/finetune/model.pt"), Path("live/finetune"), "model")}
-METRICS = Path("metrics/metrics.json")
-PLOTS = Path("plots")
+TRAINED_PART = {"feature_extraction": "head", "finetune": "model"}  # what each training stage's model.pt holds
 GRID_IMAGES = 32  # test images in the predictions figure
 MIN_AGREEMENT = 0.95  # a stale cache agrees far less; bf16 on the GPU flips a few near-ties
 
 
 def main():
     p = params.load()
-    model_file, live_dir, state_key = TRAINED[p.strategy]
-    outputs.require(PREPARED / "manifest.json", model_file, live_dir / "metrics.json", FEATURE_METRICS,
-                    *([FEATURES / "manifest.json"] if p.strategy == "feature_extraction" else []))
+    model_file, live_dir, state_key = outputs.MODELS[p.strategy] / "model.pt", outputs.LIVE[p.strategy], TRAINED_PART[p.strategy]
+    outputs.require(outputs.PREPARED / "manifest.json", model_file, live_dir / "metrics.json", outputs.FEATURE_METRICS,
+                    *([outputs.FEATURES / "manifest.json"] if p.strategy == "feature_extraction" else []))
     device = devices.setup(p.device)
-    classes = data.load_manifest(PREPARED)["classes"]
-    images, labels = data.open_split(PREPARED, "test")
+    classes = data.load_manifest(outputs.PREPARED)["classes"]
+    images, labels = data.open_split(outputs.PREPARED, "test")
     trained = backbones.load_tensors(model_file)
     probe_layer = p.train_heads.probe_layer if p.strategy == "feature_extraction" else "penultimate"
     network = backbones.build(p.model, p.weights, len(classes), p.data.image_size, probe_layer)
@@ -47,37 +40,27 @@ def main():
                         f"rerun its stage with dvc repro -f") from None
     model = devices.maybe_compile(devices.place(network.model, device), p.compile)
 
-    started = time.perf_counter()
     logits = {flip: loop.predict(model, inputs.image_inputs(
                   images, network.preprocess, p.data.image_size, p.data.crop_pct,
                   p.evaluate.batch_size, device, flip=flip), device)
               for flip in ((False, True) if p.evaluate.flip else (False,))}
-    seconds = time.perf_counter() - started
     averaged = sum(logits.values()) / len(logits)
     loss, accuracy = loop.loss_and_accuracy(averaged, torch.from_numpy(labels))
     predicted = averaged.argmax(1).numpy()
     per_class = {c: float((predicted[labels == i] == i).mean()) for i, c in enumerate(classes)}
-    training = outputs.read_json(live_dir / "metrics.json")
-    features = outputs.read_json(FEATURE_METRICS)["features"]
-    metrics = {
-        "test": {"accuracy": accuracy, "loss": loss, "images_per_s": round(len(labels) / seconds, 1),
-                 "per_class_accuracy": per_class},
-        "train": {key: training[key] for key in ("time_s", "images_per_s", "trainable_params", "best_epoch",
-                                                 "epochs_run", "world_size", "probe") if key in training},
-        "features": {"time_s": features["time_s"], "images_per_s": features.get("images_per_s", 0.0)},
-        "total_time_s": round(features["time_s"] + training["time_s"], 2),
-        "run": {"device": devices.describe(device), "cuda_visible_devices": devices.visible_gpus()},
-    }
+    cost_parts = [outputs.read_json(path)["time_s"] for path in (outputs.FEATURE_METRICS, live_dir / "metrics.json")]
+    metrics = {"test": {"accuracy": accuracy, "loss": loss}, "total_time_s": round(sum(cost_parts), 2),
+               "run": {"device": devices.describe(device), "cuda_visible_devices": devices.visible_gpus()}}
     if p.strategy == "feature_extraction":
         metrics["cache_check"] = compare_with_cache(network.head, logits[False], device)
-    outputs.write_json(METRICS, metrics)
+    outputs.write_json(outputs.METRICS, metrics)
     write_plots(labels, predicted, per_class, images, classes, f"{p.model}, {p.strategy}")
     print(f"test accuracy {accuracy:.4f}, loss {loss:.4f} on {len(labels)} images ({p.model}, {p.strategy})")
 
 
 def compare_with_cache(head: torch.nn.Module, logits: torch.Tensor, device) -> dict:
     """Runs the head on the cached test features: the two paths must agree, or the cache is stale."""
-    cached = torch.from_numpy(np.load(FEATURES / "test.npy"))
+    cached = torch.from_numpy(np.load(outputs.FEATURES / "test.npy"))
     from_cache = loop.predict(head, loop.feature_inputs(cached, device), device)
     agreement = (from_cache.argmax(1) == logits.argmax(1)).float().mean().item()
     if agreement < MIN_AGREEMENT:
@@ -87,16 +70,16 @@ def compare_with_cache(head: torch.nn.Module, logits: torch.Tensor, device) -> d
 
 
 def write_plots(labels, predicted, per_class, images, classes, title) -> None:
-    folder = outputs.fresh_folder(PLOTS / "data")
+    folder = outputs.fresh_folder(outputs.PLOTS / "data")
     outputs.write_json(folder / "confusion.json",
                        [{"actual": classes[t], "predicted": classes[g]} for t, g in zip(labels, predicted)])
     outputs.write_json(folder / "per_class_accuracy.json", [{"class": c, "accuracy": a} for c, a in per_class.items()])
     matrix = np.zeros((len(classes), len(classes)), dtype=np.int64)
     np.add.at(matrix, (labels, predicted), 1)
-    figures.confusion(matrix, classes, f"Test confusion matrix: {title}", PLOTS / "confusion.png")
+    figures.confusion(matrix, classes, f"Test confusion matrix: {title}", outputs.PLOTS / "confusion.png")
     shown = np.linspace(0, len(labels) - 1, min(GRID_IMAGES, len(labels))).astype(int)
     figures.prediction_grid(images[shown], labels[shown], predicted[shown], classes,
-                            f"Test predictions: {title}", PLOTS / "predictions.png")
+                            f"Test predictions: {title}", outputs.PLOTS / "predictions.png")
 
 
 if __name__ == "__main__":

@@ -41,9 +41,7 @@ from stages import augment, backbones, data, device as devices, errors, inputs, 
 from stages.checkpoints import Checkpoints
 from stages.errors import UserError, run_stage
 
-PREPARED = Path("data/prepared")
-OUT = Path("models/finetune")
-LIVE = Path("live/finetune")
+OUT, LIVE = outputs.MODELS["finetune"], outputs.LIVE["finetune"]
 CHECKPOINTS = Path(".checkpoints/finetune")
 
 
@@ -57,7 +55,7 @@ def main():
         raise UserError("--join: params.yaml has no run to join (it needs strategy: finetune and finetune.nodes "
                         "above 1): use the first node's params.yaml, at the same commit")
     if p.strategy == "finetune":
-        outputs.require(PREPARED / "manifest.json")
+        outputs.require(outputs.PREPARED / "manifest.json")
     if p.strategy == "finetune" and (cfg.processes > 1 or cfg.nodes > 1) and not devices.under_torchrun():
         return run_under_torchrun(cfg, first_node=not joining)
     device = devices.setup_processes(p.device, p.seed, cfg.join_timeout_s)
@@ -68,12 +66,12 @@ def main():
     if devices.is_main_process() and not outputs.chosen_strategy(OUT, p.strategy, "finetune"):
         outputs.empty_live(LIVE)
         return
-    network = backbones.build(p.model, p.weights, data.num_classes(PREPARED), p.data.image_size)
+    network = backbones.build(p.model, p.weights, data.num_classes(outputs.PREPARED), p.data.image_size)
     backbones.set_trainable(network, cfg.unfreeze)
     model = devices.place(network.model, device)
     groups = parameter_groups(network, cfg)
-    train_images, train_labels = (inputs.to_device(a, device) for a in data.open_split(PREPARED, "train"))
-    val_images, val_labels = (inputs.to_device(a, device) for a in data.open_split(PREPARED, "val"))
+    train_images, train_labels = (inputs.to_device(a, device) for a in data.open_split(outputs.PREPARED, "train"))
+    val_images, val_labels = (inputs.to_device(a, device) for a in data.open_split(outputs.PREPARED, "val"))
     if cfg.drop_last and len(train_labels) < cfg.batch_size:
         raise UserError(f"params.yaml: finetune.drop_last leaves no batch of {cfg.batch_size} from "
                         f"{len(train_labels)} training images: set finetune.drop_last: false or a smaller batch_size")
@@ -190,8 +188,8 @@ def fingerprint(p: params.Params) -> str:
     """What a checkpoint must have been written for, to be resumed: the params and the data."""
     relevant = {"seed": p.seed, "model": p.model, "weights": p.weights, "device": p.device, "compile": p.compile,
                 "image_size": p.data.image_size, "crop_pct": p.data.crop_pct, "finetune": asdict(p.finetune),
-                "evaluate_batch_size": p.evaluate.batch_size, "data": (PREPARED / "manifest.json").read_text(),
-                "labels": hashlib.sha256((PREPARED / "train_labels.npy").read_bytes()).hexdigest()}
+                "evaluate_batch_size": p.evaluate.batch_size, "data": (outputs.PREPARED / "manifest.json").read_text(),
+                "labels": hashlib.sha256((outputs.PREPARED / "train_labels.npy").read_bytes()).hexdigest()}
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()
 
 

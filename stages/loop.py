@@ -111,8 +111,7 @@ def fit(training: Training, cfg: TrainParams, seed: int, device: torch.device, l
     train_time = sum(r["seconds"] for r in history)
     trained_per_epoch = min(n_train, steps_per_epoch * cfg.batch_size)
     fitted = Fitted(best_state, best_epoch, history, train_time, trained_per_epoch * len(history) / train_time)
-    live.summary.update({"best_epoch": best_epoch, "epochs_run": len(history), "time_s": round(train_time, 2),
-                         "images_per_s": round(fitted.images_per_s, 1),
+    live.summary.update({"time_s": round(train_time, 2), "images_per_s": round(fitted.images_per_s, 1),
                          "trainable_params": sum(p.numel() for p in state_of.parameters() if p.requires_grad),
                          "world_size": dist.get_world_size() if dist.is_initialized() else 1})
     if validate:
@@ -214,9 +213,11 @@ def loss_and_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float
 
 
 def log_epoch(live, record: dict, best_epoch: int) -> None:
+    """DVCLive's step, and the epoch's curves; with a val split, the best epoch so far."""
     for split in ("train", "val"):
         if f"{split}_loss" in record:
             live.log_metric(f"{split}/loss", record[f"{split}_loss"])
             live.log_metric(f"{split}/accuracy", record[f"{split}_accuracy"])
-    live.summary["best_epoch"] = best_epoch
+    if "val_loss" in record:
+        live.summary["best_epoch"] = best_epoch
     live.next_step()

@@ -12,9 +12,18 @@ from typing import Iterator
 
 from stages.errors import UserError
 
-MADE_BY = {"data/inputs": "check-inputs", "data/prepared": "prepare-data", "data/features": "cache-features",
-           "metrics/features.json": "cache-features", "models/train_heads": "train-heads",
-           "live/train_heads": "train-heads", "models/finetune": "finetune", "live/finetune": "finetune"}
+# Every output that dvc.yaml declares, named once here (tests/test_dag.py checks the two agree)
+INPUTS = Path("data/inputs")  # check-inputs: hashes of the image folder and weights file
+PREPARED = Path("data/prepared")  # prepare-data: uint8 arrays per split, and the manifest
+FEATURES = Path("data/features")  # cache-features
+FEATURE_METRICS = Path("metrics/features.json")  # cache-features: its time and images/s
+MODELS = {"feature_extraction": Path("models/train_heads"), "finetune": Path("models/finetune")}  # per strategy
+LIVE = {"feature_extraction": Path("live/train_heads"), "finetune": Path("live/finetune")}  # DVCLive's, per strategy
+METRICS = Path("metrics/metrics.json")  # evaluate: test accuracy and loss, the whole cost
+PLOTS = Path("plots")  # evaluate: PNGs, and plots/data for dvc plots
+MADE_BY = {INPUTS: "check-inputs", PREPARED: "prepare-data", FEATURES: "cache-features", FEATURE_METRICS: "cache-features",
+           MODELS["feature_extraction"]: "train-heads", LIVE["feature_extraction"]: "train-heads",
+           MODELS["finetune"]: "finetune", LIVE["finetune"]: "finetune"}
 
 
 def fresh_folder(folder: Path) -> Path:
@@ -79,5 +88,5 @@ def require(*paths: Path) -> None:
     """A stage run by hand before the stages that make its inputs: one line naming the file and the command."""
     for path in paths:
         if not path.exists():
-            stage = next(made_by for prefix, made_by in MADE_BY.items() if path.as_posix().startswith(prefix))
+            stage = next(made_by for made, made_by in MADE_BY.items() if made == path or made in path.parents)
             raise UserError(f"{path} is missing: `dvc repro {stage}` makes it (and what it needs)")

@@ -6,17 +6,14 @@ Writes data/prepared/{train,val,test}_{images,labels}.npy and manifest.json, an 
 time: memory does not grow with the data. The same params (data.split_seed among them; the
 training seed is not) give byte-identical files.
 """
-from pathlib import Path
 
 from stages import data, outputs, params
 from stages.errors import run_stage
 
-OUT = Path("data/prepared")
-
 
 def main():
     p = params.load()
-    with outputs.replaced(OUT) as partial:
+    with outputs.replaced(outputs.PREPARED) as partial:
         manifest = data.prepare(p.data, partial)
     counts = ", ".join(f"{name} {manifest['splits'][name]['count']}" for name in data.SPLITS)
     print(f"prepared {p.data.source}: {counts} images in {len(manifest['classes'])} classes, "

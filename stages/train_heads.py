@@ -22,30 +22,27 @@ from torch import nn
 from stages import backbones, data, device as devices, inputs, loop, outputs, params, probe
 from stages.errors import run_stage
 
-PREPARED = Path("data/prepared")
-FEATURES = Path("data/features")
-OUT = Path("models/train_heads")
-LIVE = Path("live/train_heads")
+OUT, LIVE = outputs.MODELS["feature_extraction"], outputs.LIVE["feature_extraction"]
 L2_SEARCH = LIVE / "plots" / "custom" / "l2_search.json"  # validation accuracy per L2 strength (dvc.yaml)
 
 
 def main():
     p = params.load()
     if p.strategy == "feature_extraction":
-        outputs.require(PREPARED / "manifest.json", FEATURES / "manifest.json")
+        outputs.require(outputs.PREPARED / "manifest.json", outputs.FEATURES / "manifest.json")
     if not outputs.chosen_strategy(OUT, p.strategy, "feature_extraction"):
         outputs.empty_live(LIVE)
         outputs.write_json(L2_SEARCH, [])
         return
     cfg = p.train_heads
     device = devices.setup(p.device, p.seed)
-    classes = data.num_classes(PREPARED)
+    classes = data.num_classes(outputs.PREPARED)
     network = backbones.build(p.model, p.weights, classes, probe_layer=cfg.probe_layer)
     backbones.set_head_trainable(network, cfg.trainable)
     head = network.head.to(device)
-    features = {name: load_features(FEATURES / f"{name}.npy", device)
-                for name in ("train", "train_flip", "val") if (FEATURES / f"{name}.npy").exists()}
-    labels = {name: inputs.to_device(data.open_split(PREPARED, name)[1], device) for name in ("train", "val")}
+    features = {name: load_features(outputs.FEATURES / f"{name}.npy", device)
+                for name in ("train", "train_flip", "val") if (outputs.FEATURES / f"{name}.npy").exists()}
+    labels = {name: inputs.to_device(data.open_split(outputs.PREPARED, name)[1], device) for name in ("train", "val")}
     if cfg.solver == "lbfgs":
         fit_probe(head, features, labels, classes)
         return
@@ -92,9 +89,7 @@ def fit_probe(head: nn.Module, features: dict, labels: dict, classes: int) -> No
                   y_label="validation accuracy")
     live.summary.update({"time_s": round(seconds, 2), "images_per_s": round(len(train_y) / seconds, 1),
                          "trainable_params": last.weight.numel() + last.bias.numel(), "world_size": 1,
-                         "best_val_accuracy": chosen["val_accuracy"],
-                         "probe": {"l2": l2, "log10_l2": chosen["log10_l2"], "fits": len(search) + 1,
-                                   "refit_evaluations": evaluations}})
+                         "best_val_accuracy": chosen["val_accuracy"], "probe_l2": l2})
     live.end()
     outputs.empty_curves(LIVE)  # no epochs: the per-epoch curves that dvc.yaml declares stay empty
     print(f"linear probe: L2 strength {l2:.3g} (val accuracy {chosen['val_accuracy']:.4f}, {len(search)} fits), "

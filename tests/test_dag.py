@@ -54,3 +54,21 @@ def test_a_missing_or_extra_dep_is_named(tmp_path):
         "first: imports stages/errors.py but does not list it in deps",
         "first: imports stages/other.py but does not list it in deps",
         "first: lists stages/unused.py in deps but does not import it"]
+
+
+def test_every_output_in_dvc_yaml_is_one_that_stages_outputs_declares():
+    from stages import outputs
+
+    declared = {outputs.INPUTS, outputs.PREPARED, outputs.FEATURES, outputs.FEATURE_METRICS, outputs.METRICS,
+                *outputs.MODELS.values(), *outputs.LIVE.values()}
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"].values()
+    paths = [Path(next(iter(entry)) if isinstance(entry, dict) else entry)
+             for stage in stages for kind in ("outs", "metrics", "plots") for entry in stage.get(kind, [])]
+    assert paths and all(path in declared or declared & set(path.parents) or outputs.PLOTS in path.parents
+                         for path in paths), paths
+
+
+def test_no_stage_imports_the_study_tools():
+    for stage in yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"].values():
+        module = stage["cmd"].split("python -m ", 1)[1].split()[0]
+        assert not [path for path in project_imports(module) if path.startswith("stages/study/")], module

@@ -49,7 +49,7 @@ def test_fit_learns_with_each_optimizer_and_logs_every_epoch_with_dvclive(tmp_pa
     assert len(fitted.history) == 6 and fitted.history[-1]["val_accuracy"] > 0.95
     assert (tmp_path / "live/plots/metrics/val/accuracy.tsv").read_text().count("\n") == 7  # header + 6
     summary = loop_summary(tmp_path)
-    assert summary["epochs_run"] == 6 and summary["trainable_params"] == 6 and summary["time_s"] > 0
+    assert summary["step"] == 5 and summary["trainable_params"] == 6 and summary["time_s"] > 0
 
 
 def loop_summary(tmp_path):

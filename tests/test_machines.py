@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from stages import remotes
+from stages.study import remotes
 from stages.errors import UserError
 from tests.conftest import LEARNS, processes_in, run, set_params
 from tests.test_pipeline import CHANCE, ran_stages
@@ -94,7 +94,7 @@ def test_two_machines_share_a_study_through_git_and_dvc_remotes(dvc_project, tmp
     ran_here = {**accuracies(a), **accuracies(b)}
     assert len(ran_here) == 4
 
-    report = in_folder(c, sys.executable, "-m", "stages.report", "--remote", "origin")
+    report = in_folder(c, sys.executable, "-m", "stages.study.report", "--remote", "origin")
     assert accuracies(c) == ran_here  # every cell once, as the machines that ran them measured it
     assert report.stdout.count("| alexnet |") == 2 and "0,1" in report.stdout
     fe_seed_0 = next(name for name in ran_here if name.startswith("alexnet-fe-s0-"))
@@ -140,7 +140,7 @@ def test_fine_tuning_on_two_nodes_of_localhost(project):
     assert first.returncode == 0, err
     assert "torchrun --nnodes=2 --nproc-per-node=1 --rdzv-backend=c10d --rdzv-endpoint=localhost:29531" in out
     record = json.loads((project / "live/finetune/metrics.json").read_text())
-    assert record["world_size"] == 2 and record["epochs_run"] == 3
+    assert record["world_size"] == 2 and record["step"] == 2  # 3 epochs, counted from 0
     assert (project / "models/finetune/model.pt").exists() and not (second / "models").exists()  # one writer
     assert joined.returncode == 0
     run(sys.executable, "-m", "stages.cache_features")

@@ -5,7 +5,8 @@ import sys
 import pytest
 import yaml
 
-from stages import params, protocols
+from stages import params
+from stages.study import protocols
 from tests.conftest import FAST, set_params, stage
 
 

@@ -12,7 +12,8 @@ import pytest
 import yaml
 from hydra.core.override_parser.overrides_parser import OverridesParser
 
-from stages import protocols, report, study
+from stages.study import charts, experiments, grid as study, protocols, report
+from stages.study.table import results, runs
 from stages.errors import UserError
 from tests.conftest import REPO, run
 
@@ -22,13 +23,14 @@ DEFAULTS = yaml.safe_load((REPO / "params.yaml").read_text())
 
 
 def fake(model="alexnet", strategy="feature_extraction", seed=0, accuracy=None, error=None, state=None, **changes):
-    """A record as report.experiments gives it: params.yaml's defaults with dotted changes."""
-    params = report.nest({**report.flat(DEFAULTS), **changes, "model": model, "strategy": strategy, "seed": seed})
+    """A record as experiments.records gives it: params.yaml's defaults with dotted changes."""
+    params = experiments.nest({**experiments.flat(DEFAULTS), **changes, "model": model, "strategy": strategy, "seed": seed})
+    training = "live/train_heads/metrics.json" if strategy == "feature_extraction" else "live/finetune/metrics.json"
     metrics = {} if accuracy is None else {
-        "test": {"accuracy": accuracy, "images_per_s": 100.0},
-        "train": {"time_s": 5.0, "images_per_s": 50.0, "trainable_params": 10},
-        "features": {"time_s": 10.0, "images_per_s": 200.0}, "total_time_s": 15.0,
-        "run": {"device": "cpu (2 threads)", "cuda_visible_devices": None}}
+        "metrics/metrics.json": {"test": {"accuracy": accuracy, "loss": 1.0}, "total_time_s": 15.0,
+                                 "run": {"device": "cpu (2 threads)", "cuda_visible_devices": None}},
+        training: {"time_s": 5.0, "images_per_s": 50.0, "trainable_params": 10},
+        "metrics/features.json": {"time_s": 10.0, "images_per_s": 200.0}}
     state = state or ("failed" if error else "success")
     return {"name": f"{model}-{strategy}-{seed}-{len(changes)}", "state": state, "params": params,
             "metrics": metrics, "error": error, "log": None}
@@ -48,7 +50,7 @@ def test_rows_group_by_every_param_but_the_seed_and_name_the_settings_that_diffe
     records = [fake(seed=0, accuracy=0.80), fake(seed=1, accuracy=0.90),
                fake(seed=0, accuracy=0.50, **{"features.batch_size": 64}),
                fake("vgg16", seed=0, error="error: out of memory")]
-    table = report.results_table(records)
+    table = results(runs(records))
     assert len(table) == 3
     same = row(table, model="alexnet", settings="features.batch_size=256")
     assert same["seeds"] == "0,1" and abs(same["accuracy_mean"] - 0.85) < 1e-9
@@ -57,7 +59,7 @@ def test_rows_group_by_every_param_but_the_seed_and_name_the_settings_that_diffe
     assert other["accuracy_mean"] == 0.5 and other["runs_ok"] == 1
     failed = row(table, model="vgg16")
     assert pd.isna(failed["accuracy_mean"]) and "out of memory" in failed["problems"]
-    report.write_report(table, records, tmp_path)
+    report.write(table, runs(records), tmp_path)
     markdown = (tmp_path / "results.md").read_text()
     assert "| settings" in markdown and "features.batch_size=64" in markdown
     assert "0.8500 ± 0.0707" in markdown and "| failed" in markdown and "device: cpu (2 threads)" in markdown
@@ -67,13 +69,13 @@ def test_rows_group_by_every_param_but_the_seed_and_name_the_settings_that_diffe
 def test_the_two_protocols_never_average_together_and_their_name_stands_for_their_keys(tmp_path):
     readme = protocols.overrides("readme")
     records = [fake(seed=0, accuracy=0.80), fake(seed=0, accuracy=0.60, **readme), fake(seed=1, accuracy=0.70, **readme)]
-    table = report.results_table(records)
+    table = results(runs(records))
     assert sorted(table["protocol"]) == ["notebook", "readme"] and not table["settings"].any()
     assert row(table, protocol="notebook")["accuracy_mean"] == 0.80
     assert abs(row(table, protocol="readme")["accuracy_mean"] - 0.65) < 1e-9
-    custom = report.results_table(records + [fake(seed=0, accuracy=0.1, **{**readme, "train_heads.lr": 0.01})])
+    custom = results(runs(records + [fake(seed=0, accuracy=0.1, **{**readme, "train_heads.lr": 0.01})]))
     assert row(custom, protocol="custom (near readme)")["settings"] == "train_heads.lr=0.01"
-    report.write_report(table, records, tmp_path)
+    report.write(table, runs(records), tmp_path)
     assert "| settings" not in (tmp_path / "results.md").read_text()
 
 
@@ -88,7 +90,7 @@ def test_the_two_protocols_never_average_together_and_their_name_stands_for_thei
     ({"model": "resnet18"}, "not in the study"),
 ])
 def test_the_published_number_stands_only_beside_a_like_for_like_row(changes, expected):
-    table = report.results_table([fake(accuracy=0.5, **{"model": "alexnet", **changes})])
+    table = results(runs([fake(accuracy=0.5, **{"model": "alexnet", **changes})]))
     number, note = table.iloc[0][["published_accuracy", "published_note"]]
     if isinstance(expected, float):
         assert number == expected and note == ""
@@ -98,15 +100,15 @@ def test_the_published_number_stands_only_beside_a_like_for_like_row(changes, ex
 
 def test_the_time_column_is_the_whole_cost_of_a_run(tmp_path):
     records = [fake(accuracy=0.5)]
-    table = report.results_table(records)
+    table = results(runs(records))
     assert table.iloc[0][["total_time_s", "features_time_s", "train_time_s"]].tolist() == [15.0, 10.0, 5.0]
-    report.write_report(table, records, tmp_path)
+    report.write(table, runs(records), tmp_path)
     assert "15.0 (10.0 + 5.0)" in (tmp_path / "results.md").read_text()
 
 
 def exp_show_entry(name, state, seed, log=None, metrics=None, executor=True):
     """One experiment of `dvc exp show --json`, shaped as DVC 3.67 writes it."""
-    params = report.nest({**report.flat(DEFAULTS), "seed": seed})
+    params = experiments.nest({**experiments.flat(DEFAULTS), "seed": seed})
     files = {"metrics/metrics.json": {"data": metrics}} if metrics else {
         "metrics/metrics.json": {"error": {"type": "FileNotFoundError", "msg": "No such file"}}}
     local = {"root": None, "log": log, "pid": 123 if log else None, "returncode": None, "task_id": "abc"}
@@ -127,7 +129,7 @@ def test_only_a_success_counts_as_done_and_a_failure_says_why_from_its_log(tmp_p
                  exp_show_entry("failed", "failed", 3, log=str(log)), exp_show_entry("lost", "failed", 4),
                  exp_show_entry("done", "success", 5, log=str(log), metrics={"test": {"accuracy": 0.5}}),
                  exp_show_entry("cleared", "success", 6, metrics={"test": {"accuracy": 0.6}}, executor=False)]}]
-    records = {r["name"]: r for r in report.experiments(shown)}
+    records = {r["name"]: r for r in experiments.records(shown)}
     assert {n: r["state"] for n, r in records.items()} == {
         "queued": "queued", "running": "running", "failed": "failed", "lost": "failed", "done": "success",
         "cleared": "success"}
@@ -136,10 +138,10 @@ def test_only_a_success_counts_as_done_and_a_failure_says_why_from_its_log(tmp_p
     assert records["lost"]["error"].startswith("not run: failed before it started")
     assert records["done"]["error"] is None and records["cleared"]["error"] is None
     cells = [{"model": "alexnet", "strategy": "feature_extraction", "seed": s} for s in range(1, 8)]
-    done, pending, todo = study.plan(cells, report.workspace_params(shown), list(records.values()))
+    done, pending, todo = study.plan(cells, experiments.workspace_params(shown), list(records.values()))
     assert [c["seed"] for c in done] == [5, 6] and [c["seed"] for c in pending] == [1, 2]
     assert [c["seed"] for c in todo] == [3, 4, 7]
-    table = report.results_table(list(records.values()))
+    table = results(runs(list(records.values())))
     assert table.iloc[0]["runs_ok"] == 2 and table.iloc[0]["failed"] == 1
     assert "queued: not run: still queued" in table.iloc[0]["problems"]
 
@@ -214,15 +216,15 @@ def test_a_hung_dvc_exp_show_is_asked_again_then_stops_with_one_line(monkeypatch
             raise subprocess.TimeoutExpired(["dvc", *args], timeout)
         return answer
 
-    monkeypatch.setattr(report, "dvc", dvc)
-    assert report.exp_show() == [] and not answers
+    monkeypatch.setattr(experiments, "dvc", dvc)
+    assert experiments.exp_show() == [] and not answers
     answers.extend([None] * 3)
     with pytest.raises(SystemExit, match=r"^error: `dvc exp show --json` did not finish in 60 s, 3 times over$"):
-        report.exp_show()
+        experiments.exp_show()
 
 
 def test_a_failed_read_of_dvcs_state_is_asked_again_and_only_a_sustained_failure_stops(monkeypatch):
-    failure = report.DvcFailed("error: `dvc exp show --json` failed with exit code 255: failed to show experiments")
+    failure = experiments.DvcFailed("error: `dvc exp show --json` failed with exit code 255: failed to show experiments")
     answers = ["[]", failure]  # popped from the end: one failure, then an answer
     waits = []
 
@@ -232,12 +234,12 @@ def test_a_failed_read_of_dvcs_state_is_asked_again_and_only_a_sustained_failure
             raise answer
         return answer
 
-    monkeypatch.setattr(report, "dvc", dvc)
-    monkeypatch.setattr(report.time, "sleep", waits.append)
-    assert report.exp_show() == [] and waits == [1.0]
+    monkeypatch.setattr(experiments, "dvc", dvc)
+    monkeypatch.setattr(experiments.time, "sleep", waits.append)
+    assert experiments.exp_show() == [] and waits == [1.0]
     answers.extend([failure] * 20)
     with pytest.raises(SystemExit, match=r"^error: `dvc exp show --json` failed .* \(still, after 60 s of asking again\)$"):
-        report.exp_show()
+        experiments.exp_show()
     assert waits[1:] == [1.0, 2.0, 4.0, 8.0, 15.0, 15.0, 15.0]
 
 
@@ -254,10 +256,10 @@ def test_the_study_runs_the_grid_as_queued_dvc_experiments_one_per_gpu(dvc_proje
     assert len(table) == 4 and table["accuracy_mean"].notna().sum() == 2
     assert table[table["model"] == "alexnot"]["problems"].str.contains("not a torchvision classification model").all()
     assert (dvc_project / "study/accuracy.png").stat().st_size > 10_000
-    experiments = shown_experiments()
-    succeeded = [e for e in experiments if not e["revs"][0]["error"]]
+    shown = shown_experiments()
+    succeeded = [e for e in shown if not e["revs"][0]["error"]]
     assert len(succeeded) == 2 and all(e["executor"] is None for e in succeeded)  # the queue's list cleared, not them
-    assert all(e["executor"]["state"] == "failed" for e in experiments if e["revs"][0]["error"])
+    assert all(e["executor"]["state"] == "failed" for e in shown if e["revs"][0]["error"])
     for e in succeeded:
         data = e["revs"][0]["data"]
         lr = data["params"]["params.yaml"]["data"]["train_heads"]["lr"]
@@ -267,7 +269,7 @@ def test_the_study_runs_the_grid_as_queued_dvc_experiments_one_per_gpu(dvc_proje
     again = run(*study_run[:4], "alexnet", *study_run[5:])
     assert "2 of 2 cells; 2 already done; queueing 0" in again.stdout
     assert len(pd.read_csv(dvc_project / "study/results.csv")) == 2
-    run(sys.executable, "-m", "stages.report")
+    run(sys.executable, "-m", "stages.study.report")
     assert len(pd.read_csv(dvc_project / "study/results.csv")) == 4
 
     unknown = run(sys.executable, "-m", "stages.study", "-S", "train_heads.learning_rate=0.1", check=False)
@@ -303,9 +305,9 @@ def test_each_gpu_runs_one_experiment_at_a_time_two_gpus_two_at_once_under_a_pro
     for params in (d["params"]["params.yaml"]["data"] for d in data):
         assert protocols.differences(params, "readme") == ["train_heads.epochs"]  # -S wins over the protocol
         assert params["train_heads"]["epochs"] == 2
-    runs = [d["metrics"]["metrics/metrics.json"]["data"]["run"] for d in data]
-    assert len(runs) == 4 and {r["cuda_visible_devices"] for r in runs} == {"0", "1"}
-    overlap = [(a, b) for i, a in enumerate(runs) for b in runs[i + 1:]
+    timings = [d["metrics"]["metrics/metrics.json"]["data"]["run"] for d in data]
+    assert len(timings) == 4 and {r["cuda_visible_devices"] for r in timings} == {"0", "1"}
+    overlap = [(a, b) for i, a in enumerate(timings) for b in timings[i + 1:]
                if a["started"] < b["ended"] and b["started"] < a["ended"]]
     assert overlap and all(a["cuda_visible_devices"] != b["cuda_visible_devices"] for a, b in overlap)
 
@@ -323,14 +325,14 @@ def test_the_cost_figure_has_a_labelled_point_per_row_and_a_legend_of_what_is_dr
     records = [fake(accuracy=0.7, **{**protocols.overrides(name), "model": "timm/tf_efficientnet_lite0"},
                     strategy=strategy) for name in ("notebook", "readme", "best")
                for strategy in ("feature_extraction", "finetune")]
-    table = report.results_table(records)
-    fig = report.cost_accuracy(table)
+    table = results(runs(records))
+    fig = charts.cost_accuracy(table)
     labels = [text.get_text() for text in fig.axes[0].texts]
     assert len(labels) == 6 and "tf_efficientnet_lite0, fine-tuning, best" in labels
     assert sorted(legend_beside_the_axes(fig)) == sorted(["notebook", "readme", "best", "feature extraction",
                                                           "fine-tuning"])
-    assert legend_beside_the_axes(report.study_bars(table)) == ["this run"]  # nothing published compares
-    report.write_report(table, records, tmp_path)
+    assert legend_beside_the_axes(charts.study_bars(table)) == ["this run"]  # nothing published compares
+    report.write(table, runs(records), tmp_path)
     assert (tmp_path / "cost_accuracy.png").stat().st_size > 10_000
 
 

@@ -1,7 +1,7 @@
-"""Named training protocols (stages/protocols.yaml): sets of `-S key=value` overrides.
+"""Named training protocols (stages/study/protocols.yaml): sets of `-S key=value` overrides.
 
-    python -m stages.protocols readme        # prints: -S data.crop_pct=1.0 -S ...
-    dvc exp run $(python -m stages.protocols readme)
+    python -m stages.study.protocols readme        # prints: -S data.crop_pct=1.0 -S ...
+    dvc exp run $(python -m stages.study.protocols readme)
 """
 import re
 import sys
@@ -71,7 +71,7 @@ def value_text(value) -> str:
 
 def main():
     if len(sys.argv) != 2 or sys.argv[1] not in PROTOCOLS:
-        print(f"usage: python -m stages.protocols {{{'|'.join(PROTOCOLS)}}}", file=sys.stderr)
+        print(f"usage: python -m stages.study.protocols {{{'|'.join(PROTOCOLS)}}}", file=sys.stderr)
         sys.exit(2)
     print(" ".join(flags(sys.argv[1])))
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from configobj import ConfigObj  # DVC's own config reader
 
 from stages.errors import UserError
-from stages.report import DvcFailed, dvc_output
+from stages.study.experiments import DvcFailed, dvc_output
 
 CONFIGS = (Path(".dvc/config.local"), Path(".dvc/config"))
 

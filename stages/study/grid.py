@@ -10,16 +10,16 @@
 
 Each cell is one experiment queued with `dvc exp run --queue`, named by its model, strategy,
 seed and a hash of its params and commit (the same on every machine): the protocol's overrides
-(stages/protocols.yaml, default notebook), then the -S flags, which win, then the cell's model,
+(protocols.yaml, default notebook), then the -S flags, which win, then the cell's model,
 strategy and seed. DVC runs each in its own temporary copy of the repository, sharing the cache
 and run-cache. One queue worker per GPU (`dvc queue start`, started with CUDA_VISIBLE_DEVICES
 set to its GPU, or to its group of GPUs for a fine-tune under torchrun) runs its experiments one
 after another, so no two share a GPU and the GPU never becomes a param; with no GPU, one worker.
 A cell whose params (the workspace's params.yaml with the cell's overrides) already have a
 successful experiment is not run again; one still queued or running is waited for. Every state
-comes from `dvc exp show --json`. The report (stages/report.py) then writes study/; the command
+comes from `dvc exp show --json`. The report (report.py) then writes study/; the command
 exits non-zero if an experiment failed. Paths given with -S are made absolute, since queued
-experiments run in another folder. With --remote (stages/remotes.py), the study first pulls the
+experiments run in another folder. With --remote (remotes.py), the study first pulls the
 remote's experiments of this commit and the run-cache, and pushes each experiment as it succeeds;
 a machine that died is restarted with the same command, and its experiments left "running" are
 run again. Without --shard, a SLURM array or a Kubernetes indexed Job gives the shard (launch/).
@@ -37,9 +37,10 @@ from hydra.core.override_parser.types import OverrideType
 from hydra.errors import HydraException
 from tqdm import tqdm
 
-from stages import protocols, remotes, report
-from stages.errors import UserError, run_stage
-from stages.report import comma_list, dvc, flat
+from stages.errors import UserError
+from stages.study import experiments, protocols, remotes, report, table
+from stages.study.experiments import dvc, flat
+from stages.study.options import OneLineParser, comma_list, seed_list
 
 STRATEGIES = ("feature_extraction", "finetune")
 GRID_KEYS = ("model", "strategy", "seed")  # set by --models, --strategies and --seeds
@@ -49,12 +50,12 @@ STALL_POLLS = 24  # two minutes with no experiment alive and no state changing: 
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = report.OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="alexnet,vgg16", help="comma-separated")
     parser.add_argument("--strategies", default=",".join(STRATEGIES), help="comma-separated")
     parser.add_argument("--seeds", default="0", help="comma-separated integers >= 0")
     parser.add_argument("--protocol", default=protocols.PUBLISHED_PROTOCOL, choices=list(protocols.PROTOCOLS),
-                        help="the override set of stages/protocols.yaml applied to every cell; -S wins over it")
+                        help="the override set of stages/study/protocols.yaml applied to every cell; -S wins over it")
     parser.add_argument("-S", "--set-param", dest="overrides", action="append", default=[],
                         metavar="KEY=VALUE", help="passed to every experiment, as dvc exp run -S reads it; repeatable")
     parser.add_argument("--gpus", help="comma-separated GPU ids, one experiment on each at a time, or groups "
@@ -72,7 +73,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     unknown = [s for s in args.strategies if s not in STRATEGIES]
     if unknown:
         raise UserError(f"--strategies: unknown {', '.join(unknown)} (known: {', '.join(STRATEGIES)})")
-    args.seeds = report.seed_list(args.seeds)
+    args.seeds = seed_list(args.seeds)
     args.gpus = None if args.gpus is None else comma_list("--gpus", args.gpus)
     args.shard, args.shard_source = shard_and_source(args.shard)
     args.overrides = {**protocols.overrides(args.protocol), **parse_overrides(args.overrides)}
@@ -162,7 +163,7 @@ def plan(cells: list[dict], workspace: dict, records: list[dict]) -> tuple[list,
     """(done, pending, todo) cells: a success, an experiment still queued or running, neither."""
     done, pending, todo = [], [], []
     for cell in cells:
-        state = report.best(matching(cell, workspace, records) or [{"state": None}])["state"]
+        state = experiments.best(matching(cell, workspace, records) or [{"state": None}])["state"]
         {"success": done, "queued": pending, "running": pending}.get(state, todo).append(cell)
     return done, pending, todo
 
@@ -247,7 +248,7 @@ def run_queue(names: list[str], gpus: list[str], on_success=lambda names: None) 
             if quiet >= STALL_POLLS:
                 raise SystemExit(f"error: the DVC queue stopped: {len(names) - finished} experiment(s) unfinished "
                                  f"and none running for {STALL_POLLS * POLL_SECONDS} s (did its workers die? see "
-                                 "`dvc queue status`); python -m stages.report shows what finished")
+                                 "`dvc queue status`); python -m stages.study.report shows what finished")
             last = snapshot
             time.sleep(POLL_SECONDS)
 
@@ -256,7 +257,7 @@ def experiment_states(names: list[str]) -> tuple[dict, list]:
     """From `dvc exp show --json`: {name: state} of ours (None: gone), and the pid of every running
     experiment's process (None while it sets up)."""
     shown, pids = {}, []
-    for experiment in (e for baseline in report.exp_show() for e in baseline.get("experiments") or []):
+    for experiment in (e for baseline in experiments.exp_show() for e in baseline.get("experiments") or []):
         executor = experiment.get("executor") or {"state": "success"}
         shown[experiment.get("name")] = executor["state"]
         if executor["state"] == "running":
@@ -301,12 +302,12 @@ def stop(names: list[str]) -> None:
 
 
 def record_for(cell: dict, workspace: dict, records: list[dict]) -> dict:
-    """The cell's best experiment (report.best); a cell with none keeps its row, not run."""
+    """The cell's best experiment (experiments.best); a cell with none keeps its row, not run."""
     found = matching(cell, workspace, records)
     if found:
-        return report.best(found)
-    return {"name": "-", "state": None, "params": report.nest(expected(cell, workspace)), "metrics": {},
-            "error": f"{report.NOT_RUN}no experiment found", "log": None}
+        return experiments.best(found)
+    return {"name": "-", "state": None, "params": experiments.nest(expected(cell, workspace)), "metrics": {},
+            "error": f"{experiments.NOT_RUN}no experiment found", "log": None}
 
 
 def main():
@@ -314,8 +315,8 @@ def main():
     if args.remote:
         remotes.check(args.remote)
         remotes.pull(args.remote)  # a cell that another machine finished is done here too
-    shown = report.exp_show()
-    workspace = report.workspace_params(shown)
+    shown = experiments.exp_show()
+    workspace = experiments.workspace_params(shown)
     unknown = [key for key in args.overrides if key not in flat(workspace)]
     if unknown:
         raise UserError(f"-S {unknown[0]}: no such key in params.yaml")
@@ -326,7 +327,7 @@ def main():
     mine = shard(cells, *args.shard)
     baseline = remotes.baseline_commit()
     names = {id(cell): remotes.cell_name(cell, expected(cell, workspace), baseline) for cell in mine}
-    records = forget_stale(report.experiments(shown))
+    records = forget_stale(experiments.records(shown))
     done, pending, todo = plan(mine, workspace, records)
     print(f"shard {args.shard[0]}/{args.shard[1]} ({args.shard_source}): {len(mine)} of {len(cells)} cells; "
           f"{len(done)} already done; queueing {len(todo)}"
@@ -342,25 +343,26 @@ def main():
             remotes.push(args.remote, new)
             pushed.update(new)
             print(f"pushed {', '.join(new)} to {args.remote}", flush=True)
-        except (UserError, report.DvcFailed) as error:
+        except (UserError, experiments.DvcFailed) as error:
             push_failures.append(str(error).removeprefix("error: "))
 
     share([record_for(cell, workspace, records)["name"] for cell in done])  # finished before a restart
     try:
         if todo:
             queue(todo, names, records)
-        waiting = waited_for(pending, todo, names, workspace, report.experiments(report.exp_show()))
+        waiting = waited_for(pending, todo, names, workspace, experiments.records(experiments.exp_show()))
         if waiting:
             print(f"running on {'; '.join(f'GPU {g}' for g in gpus) or 'one worker, no GPU'}")
             run_queue(waiting, gpus, share)
             dvc("queue", "remove", "--success")  # the experiments stay in `dvc exp show`; only the queue's list clears
     except KeyboardInterrupt:
-        stop(waited_for(pending, todo, names, workspace, report.experiments(report.exp_show())))
+        stop(waited_for(pending, todo, names, workspace, experiments.records(experiments.exp_show())))
 
-    finished = report.experiments(report.exp_show())
+    finished = experiments.records(experiments.exp_show())
     results = [record_for(cell, workspace, finished) for cell in mine]
     share([r["name"] for r in results if r["state"] == "success"])
-    report.write_report(report.results_table(results), results)
+    runs = table.runs(results)
+    report.write(table.results(runs), runs)
     print((report.OUT / "results.md").read_text())
     failures = [f"{r['name']}: {r['error']}" for r in results if r["error"]]
     if failures:
@@ -368,6 +370,3 @@ def main():
     if push_failures:
         raise SystemExit(f"error: {len(push_failures)} push(es) to {args.remote} failed: " + "; ".join(push_failures))
 
-
-if __name__ == "__main__":
-    run_stage(main)

@@ -1,0 +1,126 @@
+"""The study's results table, with pandas: one row per set of params but the seed.
+
+runs() turns the experiments' records (experiments.py) into a DataFrame, one row per experiment:
+its state, its params in columns named as in params.yaml (data.image_size), and its figures,
+each read from the metrics file of the stage that measured it. results() groups those rows by
+every param but the seed, with the mean and std of test accuracy over the seeds that succeeded.
+A published number stands beside a row only where it compares like for like.
+"""
+import pandas as pd
+
+from stages import outputs
+from stages.study.experiments import NOT_RUN, PREFERENCE, flat, nest
+from stages.study.protocols import PROTOCOLS, PUBLISHED_PROTOCOL, differences, nearest, protocol_of
+
+# The study's test accuracy, from its notebook's protocol (stages/study/protocols.yaml: SGD with
+# momentum 0.9, batch 32, 3 epochs) on the whole of CIFAR-10 at 224 px with ImageNet weights.
+PUBLISHED = {("alexnet", "feature_extraction"): 0.8132, ("alexnet", "finetune"): 0.8917,
+             ("vgg16", "feature_extraction"): 0.8196, ("vgg16", "finetune"): 0.9223}
+TRAINING = "training"  # stands for the metrics file of the run's training stage, by its strategy
+FIGURES = {  # column: (metrics file, key in it)
+    "test_accuracy": (outputs.METRICS, "test.accuracy"),
+    "total_time_s": (outputs.METRICS, "total_time_s"),  # the whole cost: the two parts below
+    "features_time_s": (outputs.FEATURE_METRICS, "time_s"),
+    "train_time_s": (TRAINING, "time_s"),
+    "train_images_per_s": (TRAINING, "images_per_s"),
+    "trainable_params": (TRAINING, "trainable_params"),
+    "ran_on": (outputs.METRICS, "run.device"),
+}
+
+
+def runs(records: list[dict]) -> pd.DataFrame:
+    """One row per experiment: name, state, error, a column per param, a column per figure."""
+    rows = [{"name": r["name"], "state": r["state"], "error": r["error"], **flat(r["params"]), **figures(r)}
+            for r in records]
+    # object: a param keeps its value (500 stays an int beside a null, a null stays None)
+    table = pd.DataFrame(rows, columns=None if rows else ["name", "state", "error", *FIGURES], dtype=object)
+    return table.astype({column: float for column in FIGURES if column != "ran_on"})
+
+
+def figures(record: dict) -> dict:
+    """The record's figures, each from its stage's metrics file (None where it has none)."""
+    live = outputs.LIVE.get(record["params"].get("strategy"))
+    training = str(live / "metrics.json") if live else None
+    files = {path: flat(content) for path, content in record["metrics"].items()}
+    return {column: files.get(training if path == TRAINING else str(path), {}).get(key)
+            for column, (path, key) in FIGURES.items()}
+
+
+def results(experiments: pd.DataFrame) -> pd.DataFrame:
+    """One row per set of params but the seed, mean ± std of test accuracy over the seeds that
+    succeeded; a set without a number keeps its row and says why (failed, not run)."""
+    params = [c for c in experiments.columns if c not in ("name", "state", "error", *FIGURES)]
+    grouping = [c for c in params if c != "seed"]
+    # One run per set of params, seed included: a repeated run neither counts twice nor hides a success
+    rank = experiments["state"].map({state: i for i, state in enumerate(PREFERENCE)}).fillna(len(PREFERENCE))
+    unique = experiments.assign(rank=rank).sort_values("rank", kind="stable").drop_duplicates(params)
+    done = (unique["state"] == "success") & unique["test_accuracy"].notna()
+    unique = unique.assign(
+        key=unique[grouping].map(text).agg("\n".join, axis=1),
+        **{column: unique[column].where(done) for column in FIGURES if column != "ran_on"},
+        problem=[None if ok else f"{name}: {why(error)}" for name, error, ok in zip(unique["name"], unique["error"], done)],
+        failed=[not ok and not why(error).startswith(NOT_RUN) for error, ok in zip(unique["error"], done)])
+    numbers = unique.groupby("key", sort=False).agg(
+        seeds=("seed", lambda seeds: ",".join(map(str, sorted(seeds)))),
+        runs_ok=("test_accuracy", "count"), accuracy_mean=("test_accuracy", "mean"),
+        accuracy_std=("test_accuracy", "std"),  # pandas' sample std: NaN for one seed
+        **{column: (column, "mean") for column in ("total_time_s", "features_time_s", "train_time_s",
+                                                   "train_images_per_s")},
+        trainable_params=("trainable_params", "first"),
+        problems=("problem", lambda found: "; ".join(found.dropna())), failed=("failed", "sum"))
+    settings = unique.drop_duplicates("key").set_index("key")[grouping]
+    differing = [c for c in grouping if c not in ("model", "strategy") and settings[c].map(text).nunique() > 1]
+    described = pd.DataFrame([describe(row.to_dict(), differing) for _, row in settings.iterrows()], index=settings.index)
+    return described.join(numbers).sort_values(["model", "strategy", "protocol", "settings"], ignore_index=True)
+
+
+def describe(params: dict, differing: list[str]) -> dict:
+    """A row's model, strategy, protocol, the settings that tell it from the other rows, and the published number."""
+    params = {k: v for k, v in params.items() if not (isinstance(v, float) and pd.isna(v))}  # NaN: a key it lacks
+    protocol = protocol_of(nest(params))
+    base = protocol or nearest(nest(params))
+    # The protocol's name stands for its keys; a custom row names those that differ from the nearest one
+    implied = set(PROTOCOLS[base]) - set(differences(nest(params), base))
+    number, note = published(params)
+    return {"model": params.get("model"), "strategy": params.get("strategy"),
+            "protocol": protocol or f"custom (near {base})",
+            "settings": ", ".join(f"{k}={text(params.get(k))}" for k in differing if k not in implied),
+            "published_accuracy": float("nan") if number is None else number, "published_note": note}
+
+
+def published(params: dict) -> tuple[float | None, str]:
+    """The published accuracy to set beside a run of these (flat) params, or why none compares."""
+    key = (params.get("model"), params.get("strategy"))
+    if key not in PUBLISHED:
+        return None, "not in the study"
+    protocol = protocol_of(nest(params))
+    reasons = [] if protocol == PUBLISHED_PROTOCOL else [f"protocol differs ({protocol or 'custom'})"]
+    if params.get("data.source") != "cifar10":
+        reasons.append(f"data differs ({params.get('data.source')})")
+    elif params.get("data.limit_per_class") is not None:
+        reasons.append(f"data differs (subset: limit_per_class {params['data.limit_per_class']})")
+    if params.get("weights") != "imagenet":
+        reasons.append(f"weights differ ({params.get('weights')})")
+    if params.get("data.image_size") != 224:
+        reasons.append(f"image size differs ({params.get('data.image_size')} px)")
+    return (None, "; ".join(reasons)) if reasons else (PUBLISHED[key], "")
+
+
+def why(error: str | None) -> str:
+    return error or f"no test accuracy in {outputs.METRICS}"
+
+
+def text(value) -> str:
+    """A param's value as params.yaml writes it."""
+    if value is None or (isinstance(value, float) and pd.isna(value)):
+        return "null"
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def provenance(experiments: pd.DataFrame) -> str:
+    """Where the numbers come from: data source, weights, image size and device of each run."""
+    ran = experiments[experiments["ran_on"].notna()]
+    seen = sorted({tuple(text(v) for v in row) for row in
+                   ran[["data.source", "data.root", "weights", "data.image_size", "ran_on"]].itertuples(index=False)})
+    return "\n".join(f"- data: {s} ({root}), weights: {w}, image size: {size} px, device: {d}"
+                     for s, root, w, size, d in seen)
