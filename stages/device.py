@@ -26,7 +26,7 @@ def setup(device_param: str, seed: int = 0) -> torch.device:
     device = pick_device(device_param)
     torch.manual_seed(seed)
     if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # one batch shape per stage (inputs.py pads), so it tunes once
+        torch.backends.cudnn.benchmark = True  # inference batches share one shape (inputs.py pads); training too with drop_last
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     return device

@@ -4,8 +4,9 @@ The prepared images stay uint8 at their stored size (32 px for CIFAR), the way a
 CIFAR-10 on the GPU; each batch is resized to data.image_size / data.crop_pct, center-cropped
 to data.image_size and normalised there, with the interpolation, mean and std of the weights:
 torchvision's Resize(256) + CenterCrop(224) is crop_pct 0.875 at 224 px. No per-image PIL
-transforms, no DataLoader workers. Every batch has the same shape (the last one is padded),
-so cuDNN tunes once per stage.
+transforms, no DataLoader workers. Every batch of image_inputs (cache-features, evaluate,
+validation) has the same shape, the last one padded, so cuDNN tunes once for them; training's
+batches share one shape only with drop_last.
 """
 import functools
 import math
