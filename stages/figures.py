@@ -25,7 +25,7 @@ def confusion(matrix: np.ndarray, classes: list[str], title: str, path: Path) ->
                     color="white" if value > 0.5 else "black")
     ax.set(xlabel="predicted class", ylabel="true class", title=title)
     fig.colorbar(image, ax=ax, label="share of the true class")
-    _save(fig, path)
+    save(fig, path)
 
 
 def prediction_grid(images: np.ndarray, labels: np.ndarray, predicted: np.ndarray, classes: list[str],
@@ -41,10 +41,11 @@ def prediction_grid(images: np.ndarray, labels: np.ndarray, predicted: np.ndarra
         ax.set_title(f"{classes[guess]}" + ("" if right else f"\n(true: {classes[truth]})"),
                      fontsize=8, color="black" if right else "red")
     fig.suptitle(f"{title}\nlabel = prediction; red = mistake, with the true class")
-    _save(fig, path)
+    save(fig, path)
 
 
-def _save(fig, path: Path) -> None:
+def save(fig, path: Path) -> None:
+    """The figure as a PNG at `path`, then closed."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

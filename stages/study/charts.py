@@ -1,6 +1,4 @@
 """The study's charts, drawn from its results table (table.py): a bar per row, and accuracy against cost."""
-from pathlib import Path
-
 import matplotlib
 import matplotlib.ticker
 
@@ -64,12 +62,3 @@ def cost_accuracy(table: pd.DataFrame) -> plt.Figure:
            title="What each protocol buys: test accuracy against cost")
     ax.grid(alpha=0.3)
     return fig
-
-
-def save(fig, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-

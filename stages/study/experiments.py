@@ -149,12 +149,3 @@ def nest(dotted: dict) -> dict:
 def best(records: list[dict]) -> dict:
     """Of runs with the same params: a success, else one still to come, else the latest failure."""
     return min(records, key=lambda r: PREFERENCE.index(r["state"]) if r["state"] in PREFERENCE else len(PREFERENCE))
-
-
-def select(records: list[dict], models=None, strategies=None, seeds=None) -> list[dict]:
-    """The records of the given models, strategies and seeds (None: all)."""
-    return [r for r in records if (not models or r["params"].get("model") in models)
-            and (not strategies or r["params"].get("strategy") in strategies)
-            and (seeds is None or r["params"].get("seed") in seeds)]
-
-

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from stages import figures
 from stages.errors import UserError, run_stage
 from stages.study import charts, experiments, remotes, table
 from stages.study.options import OneLineParser, comma_list, seed_list
@@ -53,8 +54,8 @@ def write(results: pd.DataFrame, runs: pd.DataFrame, folder: Path = OUT) -> None
         "and image size, else why it does not compare. time_s: the whole cost of a run, feature cache "
         "+ training.\n\n"
         f"{markdown}\n\n## Provenance\n{table.provenance(runs)}\n")
-    charts.save(charts.study_bars(results), folder / "accuracy.png")
-    charts.save(charts.cost_accuracy(results), folder / "cost_accuracy.png")
+    figures.save(charts.study_bars(results), folder / "accuracy.png")
+    figures.save(charts.cost_accuracy(results), folder / "cost_accuracy.png")
 
 
 def _mean_std(mean, std, count, failed) -> str:

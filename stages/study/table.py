@@ -121,6 +121,6 @@ def provenance(experiments: pd.DataFrame) -> str:
     """Where the numbers come from: data source, weights, image size and device of each run."""
     ran = experiments[experiments["ran_on"].notna()]
     seen = sorted({tuple(text(v) for v in row) for row in
-                   ran[["data.source", "data.root", "weights", "data.image_size", "ran_on"]].itertuples(index=False)})
+                   ran.reindex(columns=["data.source", "data.root", "weights", "data.image_size", "ran_on"]).itertuples(index=False)})
     return "\n".join(f"- data: {s} ({root}), weights: {w}, image size: {size} px, device: {d}"
                      for s, root, w, size, d in seen)
