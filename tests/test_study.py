@@ -174,6 +174,12 @@ def test_a_cli_mistake_is_one_line_and_exit_code_2(argv):
     assert result.returncode == 2 and result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, result.stderr
 
 
+def test_a_report_option_mistake_is_one_line_before_dvc_is_asked(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "stages.study.report", "--seeds", "0,x"], capture_output=True,
+                            text=True, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO), "PATH": "/nonexistent"})
+    assert result.returncode == 2 and result.stderr == "error: --seeds 0,x: must be integers >= 0, comma-separated, e.g. 0,1,2\n"
+
+
 def test_gpus_are_grouped_for_a_fine_tune_with_several_processes(monkeypatch):
     monkeypatch.setattr(study, "visible_gpus", lambda: ["0", "1", "2", "3", "4"])
     assert study.gpu_groups(None, 1) == ["0", "1", "2", "3", "4"]

@@ -50,7 +50,8 @@ STALL_POLLS = 24  # two minutes with no experiment alive and no state changing: 
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineParser(prog="python -m stages.study", description=__doc__,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="alexnet,vgg16", help="comma-separated")
     parser.add_argument("--strategies", default=",".join(STRATEGIES), help="comma-separated")
     parser.add_argument("--seeds", default="0", help="comma-separated integers >= 0")

@@ -71,7 +71,8 @@ def _time(total, features, train) -> str:
 
 
 def main():
-    parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineParser(prog="python -m stages.study.report", description=__doc__,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", help="comma-separated; default: all")
     parser.add_argument("--strategies", help="comma-separated; default: all")
     parser.add_argument("--seeds", help="comma-separated; default: all")
@@ -80,13 +81,13 @@ def main():
     parser.add_argument("--remote", metavar="GIT_REMOTE",
                         help="pull its experiments (of this commit, or of every one with --all-commits) first")
     args = parser.parse_args()
+    chosen = {"models": args.models and comma_list("--models", args.models),
+              "strategies": args.strategies and comma_list("--strategies", args.strategies),
+              "seeds": args.seeds and seed_list(args.seeds)}  # a mistake in them stops before DVC is asked
     if args.remote:
         remotes.check(args.remote)
         remotes.pull(args.remote, args.all_commits)
-    records = select(experiments.records(experiments.exp_show(args.all_commits)),
-                     models=args.models and comma_list("--models", args.models),
-                     strategies=args.strategies and comma_list("--strategies", args.strategies),
-                     seeds=args.seeds and seed_list(args.seeds))
+    records = select(experiments.records(experiments.exp_show(args.all_commits)), **chosen)
     if not records:
         raise UserError("no DVC experiments match: run python -m stages.study first")
     runs = table.runs(records)
