@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from stages import check_inputs
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 CIFAR_JPEG = SHARED / "data" / "cifar10-jpeg.tar.gz"
@@ -72,14 +74,31 @@ def stage(name: str, check: bool = True) -> subprocess.CompletedProcess:
     return run(sys.executable, "-m", f"stages.{name}", check=check)
 
 
+@pytest.fixture(scope="session")
+def known_models(tmp_path_factory) -> Path:
+    """check-inputs' record that the tests' model takes the tests' image size: checked once per
+    session (the model registries' imports take seconds), then given to every DVC project."""
+    folder = tmp_path_factory.mktemp("known_models")
+    (folder / check_inputs.KNOWN_MODELS).parent.mkdir(parents=True)
+    here = os.getcwd()
+    os.chdir(folder)
+    try:
+        check_inputs.check_model(FAST["model"], FAST["data.image_size"])
+    finally:
+        os.chdir(here)
+    return folder / check_inputs.KNOWN_MODELS
+
+
 @pytest.fixture
-def dvc_project(project):
+def dvc_project(project, known_models):
     """The scratch project as a git + DVC repo with one commit."""
     (project / ".gitignore").write_text((REPO / ".gitignore").read_text())
     run("git", "init", "-q")
     run("git", "config", "user.email", "test@example.com")
     run("git", "config", "user.name", "test")
     run("dvc", "init", "-q")
+    (project / check_inputs.KNOWN_MODELS).parent.mkdir(exist_ok=True)
+    shutil.copy(known_models, project / check_inputs.KNOWN_MODELS)
     shutil.copy(REPO / ".dvc/config", project / ".dvc/config")  # hardlinked cache, no analytics
     run("git", "add", "-A")
     run("git", "commit", "-qm", "project")

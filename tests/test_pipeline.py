@@ -137,7 +137,6 @@ def test_an_interrupted_finetune_resumes_to_the_same_result(project):
     for name in ("check_inputs", "prepare_data", "cache_features", "finetune", "evaluate"):
         stage(name)
     uninterrupted = metrics(project)["test"]
-    del uninterrupted["images_per_s"]
     assert not list((project / ".checkpoints").rglob("*.pt"))
 
     process = subprocess.Popen([sys.executable, "-m", "stages.finetune"], stderr=subprocess.DEVNULL)
@@ -148,8 +147,7 @@ def test_an_interrupted_finetune_resumes_to_the_same_result(project):
     assert process.returncode == -signal.SIGKILL and not (project / "models/finetune/model.pt").exists()
     assert re.search(r"resuming from \.checkpoints/finetune/\w+/last.pt after epoch", stage("finetune").stdout)
     stage("evaluate")
-    resumed = metrics(project)["test"]
-    assert {k: resumed[k] for k in uninterrupted} == uninterrupted
+    assert metrics(project)["test"] == uninterrupted
 
 
 def test_cached_features_are_identical_across_runs_on_the_cpu(project):

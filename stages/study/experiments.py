@@ -146,6 +146,6 @@ def nest(dotted: dict) -> dict:
     return out
 
 
-def best(records: list[dict]) -> dict:
-    """Of runs with the same params: a success, else one still to come, else the latest failure."""
-    return min(records, key=lambda r: PREFERENCE.index(r["state"]) if r["state"] in PREFERENCE else len(PREFERENCE))
+def best(same_params: list[dict]) -> dict:
+    """Of records with the same params: a success, else one still to come, else the latest failure."""
+    return min(same_params, key=lambda r: PREFERENCE.index(r["state"]) if r["state"] in PREFERENCE else len(PREFERENCE))
