@@ -26,7 +26,8 @@ def setup(device_param: str, seed: int = 0) -> torch.device:
     device = pick_device(device_param)
     torch.manual_seed(seed)
     if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # inference batches share one shape (inputs.py pads); training too with drop_last
+        # Inference batches share one shape (inputs.py pads them), training's too with drop_last: cuDNN tunes once
+        torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     return device

@@ -51,15 +51,7 @@ def results(experiments: pd.DataFrame) -> pd.DataFrame:
     succeeded; a set without a number keeps its row and says why (failed, not run)."""
     params = [c for c in experiments.columns if c not in ("name", "state", "error", *FIGURES)]
     grouping = [c for c in params if c != "seed"]
-    # One run per set of params, seed included: a repeated run neither counts twice nor hides a success
-    rank = experiments["state"].map({state: i for i, state in enumerate(PREFERENCE)}).fillna(len(PREFERENCE))
-    unique = experiments.assign(rank=rank).sort_values("rank", kind="stable").drop_duplicates(params)
-    done = (unique["state"] == "success") & unique["test_accuracy"].notna()
-    unique = unique.assign(
-        key=unique[grouping].map(text).agg("\n".join, axis=1),
-        **{column: unique[column].where(done) for column in FIGURES if column != "ran_on"},
-        problem=[None if ok else f"{name}: {why(error)}" for name, error, ok in zip(unique["name"], unique["error"], done)],
-        failed=[not ok and not why(error).startswith(NOT_RUN) for error, ok in zip(unique["error"], done)])
+    unique = one_per_run(experiments, params).assign(key=lambda t: t[grouping].map(text).agg("\n".join, axis=1))
     numbers = unique.groupby("key", sort=False).agg(
         seeds=("seed", lambda seeds: ",".join(map(str, sorted(seeds)))),
         runs_ok=("test_accuracy", "count"), accuracy_mean=("test_accuracy", "mean"),
@@ -70,8 +62,22 @@ def results(experiments: pd.DataFrame) -> pd.DataFrame:
         problems=("problem", lambda found: "; ".join(found.dropna())), failed=("failed", "sum"))
     settings = unique.drop_duplicates("key").set_index("key")[grouping]
     differing = [c for c in grouping if c not in ("model", "strategy") and settings[c].map(text).nunique() > 1]
-    described = pd.DataFrame([describe(row.to_dict(), differing) for _, row in settings.iterrows()], index=settings.index)
+    described = pd.DataFrame([describe(row.to_dict(), differing) for _, row in settings.iterrows()],
+                             index=settings.index)
     return described.join(numbers).sort_values(["model", "strategy", "protocol", "settings"], ignore_index=True)
+
+
+def one_per_run(experiments: pd.DataFrame, params: list[str]) -> pd.DataFrame:
+    """One row per set of params, seed included, the best state first: a repeated run neither counts
+    twice nor hides a success. Figures only where the run succeeded; `problem` and `failed` say why not."""
+    rank = experiments["state"].map({state: i for i, state in enumerate(PREFERENCE)}).fillna(len(PREFERENCE))
+    unique = experiments.assign(rank=rank).sort_values("rank", kind="stable").drop_duplicates(params)
+    done = (unique["state"] == "success") & unique["test_accuracy"].notna()
+    return unique.assign(
+        **{column: unique[column].where(done) for column in FIGURES if column != "ran_on"},
+        problem=[None if ok else f"{name}: {why(error)}"
+                 for name, error, ok in zip(unique["name"], unique["error"], done)],
+        failed=[not ok and not why(error).startswith(NOT_RUN) for error, ok in zip(unique["error"], done)])
 
 
 def describe(params: dict, differing: list[str]) -> dict:
@@ -119,8 +125,8 @@ def text(value) -> str:
 
 def provenance(experiments: pd.DataFrame) -> str:
     """Where the numbers come from: data source, weights, image size and device of each run."""
-    ran = experiments[experiments["ran_on"].notna()]
-    seen = sorted({tuple(text(v) for v in row) for row in
-                   ran.reindex(columns=["data.source", "data.root", "weights", "data.image_size", "ran_on"]).itertuples(index=False)})
+    ran = experiments[experiments["ran_on"].notna()].reindex(
+        columns=["data.source", "data.root", "weights", "data.image_size", "ran_on"])
+    seen = sorted({tuple(text(v) for v in row) for row in ran.itertuples(index=False)})
     return "\n".join(f"- data: {s} ({root}), weights: {w}, image size: {size} px, device: {d}"
                      for s, root, w, size, d in seen)
