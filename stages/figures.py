@@ -30,16 +30,22 @@ def confusion(matrix: np.ndarray, classes: list[str], title: str, path: Path) ->
 
 def prediction_grid(images: np.ndarray, labels: np.ndarray, predicted: np.ndarray, classes: list[str],
                     title: str, path: Path, columns: int = 8) -> None:
-    """Test images with their predicted and true labels; mistakes in red."""
+    """Test images with their predicted and true labels; mistakes in red. The images are tiled
+    into one picture on one axes: a subplot per image costs matplotlib a second per figure."""
     rows = -(-len(images) // columns)
-    fig, axes = plt.subplots(rows, columns, figsize=(1.6 * columns, 2.2 * rows), squeeze=False)
-    for ax in axes.flat:
-        ax.axis("off")
-    for ax, image, truth, guess in zip(axes.flat, images, labels, predicted):
-        ax.imshow(image, interpolation="nearest")
+    side = max(images.shape[1], images.shape[2])
+    gap = max(2, side // 8)
+    tile_w, tile_h = side + gap, side + 3 * gap  # room under each image for two lines of label
+    tiled = np.full((rows * tile_h, columns * tile_w, 3), 255, dtype=np.uint8)
+    fig, ax = plt.subplots(figsize=(1.6 * columns, 2.0 * rows))
+    for i, (image, truth, guess) in enumerate(zip(images, labels, predicted)):
+        top, left = (i // columns) * tile_h, (i % columns) * tile_w
+        tiled[top:top + image.shape[0], left:left + image.shape[1]] = image
         right = truth == guess
-        ax.set_title(f"{classes[guess]}" + ("" if right else f"\n(true: {classes[truth]})"),
-                     fontsize=8, color="black" if right else "red")
+        ax.text(left + side / 2, top + side + gap / 2, classes[guess] + ("" if right else f"\n(true: {classes[truth]})"),
+                ha="center", va="top", fontsize=7, color="black" if right else "red")
+    ax.imshow(tiled, interpolation="nearest")
+    ax.axis("off")
     fig.suptitle(f"{title}\nlabel = prediction; red = mistake, with the true class")
     save(fig, path)
 
