@@ -296,13 +296,18 @@ json.dump({"test": {"accuracy": 0.5}, "total_time_s": 4.0,
 '''
 
 
-def test_each_gpu_runs_one_experiment_at_a_time_two_gpus_two_at_once_under_a_protocol(dvc_project):
-    (dvc_project / "fake_stage.py").write_text(FAKE_STAGE)
-    (dvc_project / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"fake": {
+def with_fake_stage(project: Path, code: str) -> None:
+    """The project's pipeline replaced by one stage that runs `code`, committed."""
+    (project / "fake_stage.py").write_text(code)
+    (project / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"fake": {
         "cmd": "python fake_stage.py", "deps": ["fake_stage.py"], "params": ["model", "strategy", "seed"],
         "metrics": [{"metrics/metrics.json": {"cache": False}}]}}}))
     run("git", "add", "-A")
     run("git", "commit", "-qm", "a stage that sleeps")
+
+
+def test_each_gpu_runs_one_experiment_at_a_time_two_gpus_two_at_once_under_a_protocol(dvc_project):
+    with_fake_stage(dvc_project, FAKE_STAGE)
     result = run(sys.executable, "-m", "stages.study", "--models", "a,broken,b", "--strategies", "finetune",
                  "--seeds", "0,1", "--gpus", "0,1", "--protocol", "readme", "-S", "train_heads.epochs=2", check=False)
     assert result.returncode == 1 and "2 experiment(s) failed" in result.stderr, result.stderr
@@ -357,13 +362,8 @@ def processes_in(folder: Path) -> list[str]:
 
 def test_ctrl_c_stops_what_the_study_started_and_a_rerun_finishes_the_grid_without_redoing_cells(dvc_project):
     started = dvc_project.parent / "started.log"
-    (dvc_project / "fake_stage.py").write_text(FAKE_STAGE.replace(
+    with_fake_stage(dvc_project, FAKE_STAGE.replace(
         "started = time.time()", f"started = time.time()\nopen({str(started)!r}, 'a').write(params['model'] + '\\n')"))
-    (dvc_project / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"fake": {
-        "cmd": "python fake_stage.py", "deps": ["fake_stage.py"], "params": ["model", "strategy", "seed"],
-        "metrics": [{"metrics/metrics.json": {"cache": False}}]}}}))
-    run("git", "add", "-A")
-    run("git", "commit", "-qm", "a stage that sleeps")
     command = [sys.executable, "-m", "stages.study", "--models", "a,b,c", "--strategies", "finetune"]
     # SIGINT at its default, as in a terminal (a shell's background job would have it ignored)
     study_process = subprocess.Popen(command, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
