@@ -59,7 +59,7 @@ def test_rows_group_by_every_param_but_the_seed_and_name_the_settings_that_diffe
     assert other["accuracy_mean"] == 0.5 and other["runs_ok"] == 1
     failed = row(table, model="vgg16")
     assert pd.isna(failed["accuracy_mean"]) and "out of memory" in failed["problems"]
-    report.write(table, runs(records), tmp_path)
+    report.write(records, tmp_path)
     markdown = (tmp_path / "results.md").read_text()
     assert "| settings" in markdown and "features.batch_size=64" in markdown
     assert "0.8500 ± 0.0707" in markdown and "| failed" in markdown and "device: cpu (2 threads)" in markdown
@@ -75,7 +75,7 @@ def test_the_two_protocols_never_average_together_and_their_name_stands_for_thei
     assert abs(row(table, protocol="readme")["accuracy_mean"] - 0.65) < 1e-9
     custom = results(runs(records + [fake(seed=0, accuracy=0.1, **{**readme, "train_heads.lr": 0.01})]))
     assert row(custom, protocol="custom (near readme)")["settings"] == "train_heads.lr=0.01"
-    report.write(table, runs(records), tmp_path)
+    report.write(records, tmp_path)
     assert "| settings" not in (tmp_path / "results.md").read_text()
 
 
@@ -102,7 +102,7 @@ def test_the_time_column_is_the_whole_cost_of_a_run(tmp_path):
     records = [fake(accuracy=0.5)]
     table = results(runs(records))
     assert table.iloc[0][["total_time_s", "features_time_s", "train_time_s"]].tolist() == [15.0, 10.0, 5.0]
-    report.write(table, runs(records), tmp_path)
+    report.write(records, tmp_path)
     assert "15.0 (10.0 + 5.0)" in (tmp_path / "results.md").read_text()
 
 
@@ -343,7 +343,7 @@ def test_the_cost_figure_has_a_labelled_point_per_row_and_a_legend_of_what_is_dr
     assert sorted(legend_beside_the_axes(fig)) == sorted(["notebook", "readme", "best", "feature extraction",
                                                           "fine-tuning"])
     assert legend_beside_the_axes(charts.study_bars(table)) == ["this run"]  # nothing published compares
-    report.write(table, runs(records), tmp_path)
+    report.write(records, tmp_path)
     assert (tmp_path / "cost_accuracy.png").stat().st_size > 10_000
 
 

@@ -38,7 +38,7 @@ from hydra.errors import HydraException
 from tqdm import tqdm
 
 from stages.errors import UserError
-from stages.study import experiments, protocols, remotes, report, table
+from stages.study import experiments, protocols, remotes, report
 from stages.study.experiments import dvc, flat
 from stages.study.options import OneLineParser, comma_list, seed_list
 
@@ -362,8 +362,7 @@ def main():
     finished = experiments.records(experiments.exp_show())
     results = [record_for(cell, workspace, finished) for cell in mine]
     share([r["name"] for r in results if r["state"] == "success"])
-    runs = table.runs(results)
-    report.write(table.results(runs), runs)
+    report.write(results)
     print((report.OUT / "results.md").read_text())
     failures = [f"{r['name']}: {r['error']}" for r in results if r["error"]]
     if failures:

@@ -31,8 +31,10 @@ def select(records: list[dict], models=None, strategies=None, seeds=None) -> lis
             and (seeds is None or r["params"].get("seed") in seeds)]
 
 
-def write(results: pd.DataFrame, runs: pd.DataFrame, folder: Path = OUT) -> None:
-    """study/results.{md,csv}, and the two charts: the table (table.results) of the experiments (table.runs)."""
+def write(records: list[dict], folder: Path = OUT) -> None:
+    """study/results.{md,csv} and the two charts, from the experiments' records (experiments.records)."""
+    runs = table.runs(records)
+    results = table.results(runs)
     folder.mkdir(parents=True, exist_ok=True)
     results.to_csv(folder / "results.csv", index=False)
     shown = results.assign(
@@ -90,8 +92,7 @@ def main():
     records = select(experiments.records(experiments.exp_show(args.all_commits)), **chosen)
     if not records:
         raise UserError("no DVC experiments match: run python -m stages.study first")
-    runs = table.runs(records)
-    write(table.results(runs), runs)
+    write(records)
     print((OUT / "results.md").read_text())
 
 
