@@ -213,6 +213,33 @@ def test_a_worker_starts_per_gpu_once_the_ones_before_it_run_and_a_stalled_queue
     study.run_queue(["a"], [])  # waits as long as another's experiment ahead of ours runs
 
 
+@pytest.mark.parametrize("held", [{"a": "running", "b": "success", "c": "queued"},  # b finished meanwhile
+                                  {"a": "running", "b": "running", "c": "running"}])  # c started meanwhile
+def test_ctrl_c_reads_the_states_again_when_dvc_refuses_a_name_whose_state_changed(monkeypatch, capsys, held):
+    held = dict(held)  # what DVC holds by the time it is told; the study first read a and b running, c queued
+    read = {"a": "running", "b": "running", "c": "queued"}
+    told = []
+
+    def dvc(*args):
+        told.append(args)
+        command, names = args[1], [arg for arg in args[2:] if not arg.startswith("-")]
+        wanted, after = {"remove": ("queued", None), "kill": ("running", "failed"), "stop": (None, None)}[command]
+        if any(held[name] != wanted for name in names):
+            raise experiments.DvcFailed(f"error: `dvc {' '.join(args)}` failed with exit code 255: not a valid name")
+        held.update(dict.fromkeys(names, after))
+
+    reads = iter([read])
+    monkeypatch.setattr(study, "experiment_states", lambda names: (next(reads, held), []))
+    monkeypatch.setattr(study, "dvc", dvc)
+    with pytest.raises(SystemExit) as stopped:
+        study.stop(["a", "b", "c"])
+    assert stopped.value.code == 130 and told[-1] == ("queue", "stop")
+    assert held["a"] == "failed" and held["c"] in (None, "failed")  # the queued c removed, or killed once started
+    assert not {"queued", "running"} & set(held.values())
+    killed = sum(state == "failed" for state in held.values())
+    assert f"{killed} running experiment(s) killed and {int(held['c'] is None)} queued" in capsys.readouterr().err
+
+
 def test_a_hung_dvc_exp_show_is_asked_again_then_stops_with_one_line(monkeypatch):
     answers = ["[]", None, None]  # popped from the end: two hangs, then an answer
 

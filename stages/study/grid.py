@@ -47,6 +47,7 @@ GRID_KEYS = ("model", "strategy", "seed")  # set by --models, --strategies and -
 PATH_KEYS = ("data.root", "weights")
 POLL_SECONDS = 5
 STALL_POLLS = 24  # two minutes with no experiment alive and no state changing: the queue has stopped
+STOP_TRIES = 5  # reads of the states on Ctrl-C, each followed by removing and killing what it shows
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -289,15 +290,27 @@ def stop(names: list[str]) -> None:
     killed ones count as failed, so the same command run again resumes with what is left."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not leave the queue half-stopped
     print("interrupted: stopping this study's experiments and the queue's workers ...", file=sys.stderr, flush=True)
-    states, _ = experiment_states(names)
-    queued = [name for name, state in states.items() if state == "queued"]
-    running = [name for name, state in states.items() if state == "running"]
-    if queued:
-        dvc("queue", "remove", *queued)
-    if running:
-        dvc("queue", "kill", "--force", *running)
+    removed, killed = set(), set()
+    for attempt in range(STOP_TRIES):
+        states, _ = experiment_states(names)
+        queued = [name for name, state in states.items() if state == "queued"]
+        running = [name for name, state in states.items() if state == "running"]
+        if not queued and not running:
+            break
+        try:
+            if queued:
+                dvc("queue", "remove", *queued)
+                removed.update(queued)
+            for name in running:  # one at a time: DVC kills the names it finds, then refuses the rest
+                dvc("queue", "kill", "--force", name)
+                killed.add(name)
+        except experiments.DvcFailed:
+            # Between the read and the command an experiment started or finished, and DVC refuses a
+            # name no longer in the state asked for: read the states again
+            if attempt == STOP_TRIES - 1:
+                raise
     dvc("queue", "stop")
-    print(f"stopped: {len(running)} running experiment(s) killed and {len(queued)} queued one(s) removed; "
+    print(f"stopped: {len(killed)} running experiment(s) killed and {len(removed)} queued one(s) removed; "
           "run the same command again to resume (finished cells are not run again)", file=sys.stderr)
     sys.exit(130)
 
