@@ -24,6 +24,7 @@ from pathlib import Path
 
 import yaml
 
+from stages import outputs
 from stages.study import protocols
 
 REPO = Path(__file__).resolve().parents[1]
@@ -71,13 +72,12 @@ def run_candidate(scratch: Path, prepared: Path | None, params: dict, strategy: 
     if prepared is None:
         stage(folder, "prepare_data")
     else:
-        (folder / "data").mkdir()
-        (folder / "data/prepared").symlink_to(prepared)
-    live = folder / "live" / ("train_heads" if strategy == "probe" else "finetune")
+        (folder / outputs.PREPARED).parent.mkdir()
+        (folder / outputs.PREPARED).symlink_to(prepared)
     if strategy == "probe":
         stage(folder, "cache_features")
     stage(folder, "train_heads" if strategy == "probe" else "finetune")
-    summary = json.loads((live / "metrics.json").read_text())
+    summary = outputs.read_json(folder / outputs.LIVE[params["strategy"]] / "metrics.json")
     return {"folder": folder, "summary": summary}
 
 
@@ -105,10 +105,10 @@ def main():
             params = set_dotted(json.loads(json.dumps(base)), candidates[name])
             params["_name"] = name
             result = run_candidate(Path(scratch), prepared, params, args.strategy)
-            prepared = prepared or result["folder"] / "data/prepared"
+            prepared = prepared or result["folder"] / outputs.PREPARED
             s = result["summary"]
             rows.append((name, s["best_val_accuracy"], s.get("best_epoch"),
-                         s.get("probe", {}).get("l2"), s["time_s"]))
+                         s.get("probe_l2"), s["time_s"]))
             print(f"{name}: {rows[-1]}", flush=True)
         print("\n| candidate | best val accuracy | best epoch | L2 | training s |\n|---|---:|---:|---:|---:|")
         for name, accuracy, epoch, l2, seconds in rows:

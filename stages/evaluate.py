@@ -24,7 +24,7 @@ MIN_AGREEMENT = 0.95  # a stale cache agrees far less; bf16 on the GPU flips a f
 
 def main():
     p = params.load()
-    model_file, live_dir = outputs.MODELS[p.strategy] / "model.pt", outputs.LIVE[p.strategy]
+    model_file, live_dir = outputs.TRAINED[p.strategy], outputs.LIVE[p.strategy]
     state_key = TRAINED_PART[p.strategy]
     outputs.require(outputs.PREPARED / "manifest.json", model_file, live_dir / "metrics.json", outputs.FEATURE_METRICS,
                     *([outputs.FEATURES / "manifest.json"] if p.strategy == "feature_extraction" else []))

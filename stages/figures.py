@@ -1,6 +1,6 @@
 """Figures a person reads, drawn with matplotlib: the test confusion matrix and predictions.
 
-Learning curves come from DVCLive's files through `dvc plots`; the study's chart is in report.py.
+Learning curves come from DVCLive's files through `dvc plots`; the study's charts are in stages/study/charts.py.
 """
 from pathlib import Path
 

@@ -105,7 +105,7 @@ def main():
         raise UserError(f"finetune: lost another node ({str(error).splitlines()[0][:120]}): it stopped or died; "
                         "run the stage again on this node and --join on the others") from None
     if devices.is_main_process():
-        loop.save_trained(OUT / "model.pt", fitted, "model")
+        loop.save_trained(outputs.TRAINED["finetune"], fitted, "model")
         if checkpoints:
             shutil.rmtree(checkpoints.path.parent, ignore_errors=True)  # none was written if it ran one epoch
     if world > 1:

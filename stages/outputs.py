@@ -19,6 +19,7 @@ FEATURES = Path("data/features")  # cache-features
 FEATURE_METRICS = Path("metrics/features.json")  # cache-features: its time and images/s
 MODELS = {"feature_extraction": Path("models/train_heads"), "finetune": Path("models/finetune")}  # per strategy
 LIVE = {"feature_extraction": Path("live/train_heads"), "finetune": Path("live/finetune")}  # DVCLive's, per strategy
+TRAINED = {strategy: folder / "model.pt" for strategy, folder in MODELS.items()}  # what evaluate loads
 METRICS = Path("metrics/metrics.json")  # evaluate: test accuracy and loss, the whole cost
 PLOTS = Path("plots")  # evaluate: PNGs, and plots/data for dvc plots
 MADE_BY = {INPUTS: "check-inputs", PREPARED: "prepare-data", FEATURES: "cache-features", FEATURE_METRICS: "cache-features",

@@ -59,7 +59,7 @@ def main():
     training = loop.Training(head, [{"params": trainable, "lr": cfg.lr}], train_batches, len(labels["train"]),
                              validate if len(labels["val"]) else None)
     fitted = loop.fit(training, cfg, p.seed, device, LIVE)
-    loop.save_trained(OUT / "model.pt", fitted, "head")
+    loop.save_trained(outputs.TRAINED["feature_extraction"], fitted, "head")
     outputs.write_json(L2_SEARCH, [])
 
 
@@ -81,7 +81,7 @@ def fit_probe(head: nn.Module, features: dict, labels: dict, classes: int) -> No
     with torch.no_grad():
         last.weight.copy_(weight)
         last.bias.copy_(bias)
-    torch.save({"head": {k: v.cpu() for k, v in head.state_dict().items()}, "l2": l2}, OUT / "model.pt")
+    torch.save({"head": {k: v.cpu() for k, v in head.state_dict().items()}, "l2": l2}, outputs.TRAINED["feature_extraction"])
     seconds = time.perf_counter() - started
     live = loop.open_live(LIVE)
     live.log_plot("l2_search", search, x="log10_l2", y="val_accuracy", template="linear",

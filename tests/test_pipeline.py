@@ -172,7 +172,7 @@ def test_a_disk_too_small_for_the_feature_cache_is_one_line(project, monkeypatch
 def test_a_trained_model_that_could_run_code_is_refused(project, strategy):
     set_params(project / "params.yaml", {**FAST, "strategy": strategy})
     stage("prepare_data")
-    model_file, live_dir = outputs.MODELS[strategy] / "model.pt", outputs.LIVE[strategy]
+    model_file, live_dir = outputs.TRAINED[strategy], outputs.LIVE[strategy]
     for present in (live_dir / "metrics.json", outputs.FEATURE_METRICS, outputs.FEATURES / "manifest.json"):
         outputs.write_json(present, {})  # the other inputs that evaluate checks for first
     model_file.parent.mkdir(parents=True)

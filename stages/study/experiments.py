@@ -84,14 +84,19 @@ def records(shown: list[dict]) -> list[dict]:
 def _record(experiment: dict) -> dict:
     head = experiment["revs"][0]  # the experiment's last commit
     data = head.get("data") or {}
-    # DVC 3 keeps the state in the queue's executor; an experiment run outside the queue, or one
-    # whose queue entry `dvc queue remove --success` cleared, has none: only successes have commits
-    executor = experiment.get("executor") or {"state": "failed" if head.get("error") else "success"}
+    executor = executor_of(experiment)
     log = (executor.get("local") or {}).get("log")
     return {"name": experiment.get("name") or head.get("name") or head["rev"][:7], "state": executor["state"],
             "params": _file_data(data.get("params"), "params.yaml"), "metrics": _metrics_files(data.get("metrics")),
             "error": _error(executor["state"], log, None if experiment.get("executor") else head.get("error")),
             "log": log, "pid": (executor.get("local") or {}).get("pid")}
+
+
+def executor_of(experiment: dict) -> dict:
+    """The experiment's state, and its process under "local". DVC 3 keeps them in the queue's
+    executor; an experiment run outside the queue, or one whose queue entry `dvc queue remove
+    --success` cleared, has none: only successes have commits."""
+    return experiment.get("executor") or {"state": "failed" if experiment["revs"][0].get("error") else "success"}
 
 
 def _file_data(files: dict | None, path: str) -> dict:
@@ -148,4 +153,9 @@ def nest(dotted: dict) -> dict:
 
 def best(same_params: list[dict]) -> dict:
     """Of records with the same params: a success, else one still to come, else the latest failure."""
-    return min(same_params, key=lambda r: PREFERENCE.index(r["state"]) if r["state"] in PREFERENCE else len(PREFERENCE))
+    return min(same_params, key=lambda r: rank(r["state"]))
+
+
+def rank(state: str | None) -> int:
+    """A state's place in PREFERENCE; an unknown one (or None) last."""
+    return PREFERENCE.index(state) if state in PREFERENCE else len(PREFERENCE)

@@ -260,7 +260,7 @@ def experiment_states(names: list[str]) -> tuple[dict, list]:
     experiment's process (None while it sets up)."""
     shown, pids = {}, []
     for experiment in (e for baseline in experiments.exp_show() for e in baseline.get("experiments") or []):
-        executor = experiment.get("executor") or {"state": "success"}
+        executor = experiments.executor_of(experiment)
         shown[experiment.get("name")] = executor["state"]
         if executor["state"] == "running":
             pids.append((executor.get("local") or {}).get("pid"))

@@ -25,5 +25,3 @@ def seed_list(text: str) -> list[int]:
     if not all(s.isdigit() for s in seeds):
         raise UserError(f"--seeds {text}: must be integers >= 0, comma-separated, e.g. 0,1,2")
     return [int(s) for s in seeds]
-
-

@@ -9,7 +9,7 @@ A published number stands beside a row only where it compares like for like.
 import pandas as pd
 
 from stages import outputs
-from stages.study.experiments import NOT_RUN, PREFERENCE, flat, nest
+from stages.study.experiments import NOT_RUN, flat, nest, rank
 from stages.study.protocols import PROTOCOLS, PUBLISHED_PROTOCOL, differences, nearest, protocol_of
 
 # The study's test accuracy, from its notebook's protocol (stages/study/protocols.yaml: SGD with
@@ -26,6 +26,7 @@ FIGURES = {  # column: (metrics file, key in it)
     "trainable_params": (TRAINING, "trainable_params"),
     "ran_on": (outputs.METRICS, "run.device"),
 }
+NUMBERS = [column for column in FIGURES if column != "ran_on"]
 
 
 def runs(records: list[dict]) -> pd.DataFrame:
@@ -34,7 +35,7 @@ def runs(records: list[dict]) -> pd.DataFrame:
             for r in records]
     # object: a param keeps its value (500 stays an int beside a null, a null stays None)
     table = pd.DataFrame(rows, columns=None if rows else ["name", "state", "error", *FIGURES], dtype=object)
-    return table.astype({column: float for column in FIGURES if column != "ran_on"})
+    return table.astype(dict.fromkeys(NUMBERS, float))
 
 
 def figures(record: dict) -> dict:
@@ -70,11 +71,10 @@ def results(experiments: pd.DataFrame) -> pd.DataFrame:
 def one_per_run(experiments: pd.DataFrame, params: list[str]) -> pd.DataFrame:
     """One row per set of params, seed included, the best state first: a repeated run neither counts
     twice nor hides a success. Figures only where the run succeeded; `problem` and `failed` say why not."""
-    rank = experiments["state"].map({state: i for i, state in enumerate(PREFERENCE)}).fillna(len(PREFERENCE))
-    unique = experiments.assign(rank=rank).sort_values("rank", kind="stable").drop_duplicates(params)
+    unique = experiments.assign(rank=experiments["state"].map(rank)).sort_values("rank", kind="stable").drop_duplicates(params)
     done = (unique["state"] == "success") & unique["test_accuracy"].notna()
     return unique.assign(
-        **{column: unique[column].where(done) for column in FIGURES if column != "ran_on"},
+        **{column: unique[column].where(done) for column in NUMBERS},
         problem=[None if ok else f"{name}: {why(error)}"
                  for name, error, ok in zip(unique["name"], unique["error"], done)],
         failed=[not ok and not why(error).startswith(NOT_RUN) for error, ok in zip(unique["error"], done)])
@@ -83,23 +83,24 @@ def one_per_run(experiments: pd.DataFrame, params: list[str]) -> pd.DataFrame:
 def describe(params: dict, differing: list[str]) -> dict:
     """A row's model, strategy, protocol, the settings that tell it from the other rows, and the published number."""
     params = {k: v for k, v in params.items() if not (isinstance(v, float) and pd.isna(v))}  # NaN: a key it lacks
-    protocol = protocol_of(nest(params))
-    base = protocol or nearest(nest(params))
+    nested = nest(params)
+    protocol = protocol_of(nested)
+    base = protocol or nearest(nested)
     # The protocol's name stands for its keys; a custom row names those that differ from the nearest one
-    implied = set(PROTOCOLS[base]) - set(differences(nest(params), base))
-    number, note = published(params)
+    implied = set(PROTOCOLS[base]) - set(differences(nested, base))
+    number, note = published(params, protocol)
     return {"model": params.get("model"), "strategy": params.get("strategy"),
             "protocol": protocol or f"custom (near {base})",
             "settings": ", ".join(f"{k}={text(params.get(k))}" for k in differing if k not in implied),
             "published_accuracy": float("nan") if number is None else number, "published_note": note}
 
 
-def published(params: dict) -> tuple[float | None, str]:
-    """The published accuracy to set beside a run of these (flat) params, or why none compares."""
+def published(params: dict, protocol: str | None) -> tuple[float | None, str]:
+    """The published accuracy to set beside a run of these (flat) params under `protocol` (None:
+    custom), or why none compares."""
     key = (params.get("model"), params.get("strategy"))
     if key not in PUBLISHED:
         return None, "not in the study"
-    protocol = protocol_of(nest(params))
     reasons = [] if protocol == PUBLISHED_PROTOCOL else [f"protocol differs ({protocol or 'custom'})"]
     if params.get("data.source") != "cifar10":
         reasons.append(f"data differs ({params.get('data.source')})")
