@@ -28,9 +28,13 @@ KNOWN_MODELS = Path(".dvc/tmp/known_models.json")  # model names and image sizes
 FILE_HASHES = Path(".dvc/tmp/file_hashes.json")  # {the last image folder hashed: {file: "inode:size:mtime_ns:sha256"}}
 
 
+CIFAR_TRAIN_PER_CLASS = {"cifar10": 5000, "cifar100": 500}
+
+
 def main():
     p = params.load()
     check_model(p.model, p.data.image_size)
+    check_train_per_class(p.data)
     outputs.write_json(outputs.INPUTS / "source.json", source_fingerprint(p.data))
     outputs.write_json(outputs.INPUTS / "weights.json", weights_fingerprint(p.model, p.weights))
 
@@ -50,6 +54,29 @@ def check_model(name: str, image_size: int) -> None:
     backbones.check_image_size(name, image_size)
     if KNOWN_MODELS.parent.parent.is_dir():
         outputs.write_json(KNOWN_MODELS, {registries: {**sizes, name: sorted({*sizes.get(name, []), image_size})}})
+
+
+def check_train_per_class(data: params.DataParams) -> None:
+    """data.train_per_class against the training images that each class will have after the cap and
+    the validation carve, before DVC removes anything (the training stages check the prepared split
+    again, where unreadable images may have been skipped)."""
+    if data.train_per_class is None:
+        return
+    if data.source == "imagefolder":
+        train = Path(data.root, "train")
+        sizes = {c.name: sum(1 for _ in files_under(Path(c.path), "")) for c in os.scandir(train) if c.is_dir()}
+    elif data.source == "synthetic":
+        sizes = {f"class_{c}": data.synthetic.train_per_class for c in range(data.synthetic.classes)}
+    else:
+        sizes = {"each class": CIFAR_TRAIN_PER_CLASS[data.source]}
+    carved = data.val_fraction if not (data.source == "imagefolder" and Path(data.root, "val").is_dir()) else 0
+    name, count = min(sizes.items(), key=lambda item: item[1])
+    capped = min(count, data.limit_per_class or count)
+    left = capped - round(carved * capped)
+    if data.train_per_class > left:
+        raise params.ParamError(
+            f"params.yaml: data.train_per_class must be at most the training images of each class after the "
+            f"validation carve: {name} has {left} (got {data.train_per_class}; {params.RESTORE_HINT})")
 
 
 def source_fingerprint(data: params.DataParams) -> dict:

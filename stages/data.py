@@ -122,6 +122,22 @@ def cap_per_class(labels: np.ndarray, limit: int | None, generator: np.random.Ge
     return np.sort(np.concatenate(chosen))
 
 
+def train_subset(labels: np.ndarray, per_class: int | None, seed: int, classes: list[str]) -> np.ndarray:
+    """Sorted indices of `per_class` training images of each class (None: all of them). Each class
+    is shuffled by its own generator seeded by `seed`, and the subset is the head of that order,
+    so for one seed the smaller subsets lie inside the larger ones, and seeds average over subsets."""
+    if per_class is None:
+        return np.arange(len(labels))
+    chosen = []
+    for c in np.unique(labels):
+        members = np.flatnonzero(labels == c)
+        if len(members) < per_class:
+            raise DataError(f"data.train_per_class is {per_class}, but class {classes[c]} has only {len(members)} training "
+                            "images after the validation carve: lower data.train_per_class (or data.val_fraction)")
+        chosen.append(rng(seed, f"train_subset/{c}").permutation(members)[:per_class])
+    return np.sort(np.concatenate(chosen))
+
+
 def carve_val(labels: np.ndarray, fraction: float, generator: np.random.Generator) -> np.ndarray:
     """Sorted indices of a stratified validation split: round(fraction * n) of each class."""
     chosen = [np.zeros(0, np.int64)]
@@ -168,6 +184,15 @@ def open_split(folder: Path, name: str) -> tuple[np.ndarray, np.ndarray]:
     """A split's images memory-mapped (copy-on-write, so that torch takes them as they are; nothing
     is read until used: inputs.image_inputs reads them a batch at a time) and its labels."""
     return np.load(folder / f"{name}_images.npy", mmap_mode="c"), np.load(folder / f"{name}_labels.npy")
+
+
+def open_train_subset(folder: Path, per_class: int | None, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """open_split's train images and labels, or the `per_class` of each class that train_subset draws."""
+    images, labels = open_split(folder, "train")
+    if per_class is None:
+        return images, labels
+    subset = train_subset(labels, per_class, seed, load_manifest(folder)["classes"])
+    return images[subset], labels[subset]
 
 
 def load_manifest(folder: Path) -> dict:

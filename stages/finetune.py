@@ -70,7 +70,8 @@ def main():
     backbones.set_trainable(network, cfg.unfreeze)
     model = devices.place(network.model, device)
     groups = parameter_groups(network, cfg)
-    train_images, train_labels = (inputs.to_device(a, device) for a in data.open_split(outputs.PREPARED, "train"))
+    train_images, train_labels = (inputs.to_device(a, device) for a in data.open_train_subset(
+        outputs.PREPARED, p.data.train_per_class, p.seed))
     val_images, val_labels = (inputs.to_device(a, device) for a in data.open_split(outputs.PREPARED, "val"))
     if cfg.drop_last and len(train_labels) < cfg.batch_size:
         raise UserError(f"params.yaml: finetune.drop_last leaves no batch of {cfg.batch_size} from "
@@ -188,6 +189,7 @@ def fingerprint(p: params.Params) -> str:
     """What a checkpoint must have been written for, to be resumed: the params and the data."""
     relevant = {"seed": p.seed, "model": p.model, "weights": p.weights, "device": p.device, "compile": p.compile,
                 "image_size": p.data.image_size, "crop_pct": p.data.crop_pct, "finetune": asdict(p.finetune),
+                "train_per_class": p.data.train_per_class,
                 "evaluate_batch_size": p.evaluate.batch_size, "data": (outputs.PREPARED / "manifest.json").read_text(),
                 "labels": hashlib.sha256((outputs.PREPARED / "train_labels.npy").read_bytes()).hexdigest()}
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()

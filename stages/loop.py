@@ -9,6 +9,7 @@ Under torchrun (finetune.processes > 1) the epoch's sums are added up across pro
 only rank 0 writes DVCLive's files and the checkpoint.
 """
 import importlib.util
+import itertools
 import math
 import time
 from dataclasses import dataclass
@@ -52,7 +53,7 @@ class Training:
     """What a stage hands to fit."""
     model: nn.Module  # what runs forward: the module itself, or its torch.compile'd or DDP wrapper
     param_groups: list[dict]  # for the optimizer: parameters, and a learning rate each
-    batches: Callable[[torch.Generator], Batches]  # one epoch's (inputs, labels), drawn with its generator
+    batches: Callable[[torch.Generator], Batches]  # one pass's (inputs, labels), drawn with its generator
     n_train: int  # training images or feature vectors
     validate: Validate | None = None  # (loss, accuracy) on val; None: no val split, the last epoch is the result
     state_of: nn.Module | None = None  # whose state_dict is the result, when `model` wraps it
@@ -85,10 +86,12 @@ def fit(training: Training, cfg: TrainParams, seed: int, device: torch.device, l
         torch.manual_seed(seed * 1_000_003 + epoch)  # dropout
         generator = torch.Generator(device).manual_seed(seed * 1_000_003 + epoch)  # order, augmentation
         started = time.perf_counter()
-        train_loss, train_acc = train_one_epoch(model, optimizer, scheduler, training.batches(generator),
-                                                steps_per_epoch, device, f"epoch {epoch + 1}", cfg.label_smoothing)
+        batches = epoch_batches(training, generator, steps_per_epoch)
+        train_loss, train_acc, seen = train_one_epoch(model, optimizer, scheduler, batches, steps_per_epoch, device,
+                                                      f"epoch {epoch + 1}", cfg.label_smoothing)
         seconds = time.perf_counter() - started
-        record = {"epoch": epoch + 1, "train_loss": train_loss, "train_accuracy": train_acc, "seconds": seconds}
+        record = {"epoch": epoch + 1, "train_loss": train_loss, "train_accuracy": train_acc, "seconds": seconds,
+                  "images": seen}
         if validate:
             record["val_loss"], record["val_accuracy"] = validate()
             epochs.set_postfix(val_accuracy=f"{record['val_accuracy']:.4f}")
@@ -109,8 +112,7 @@ def fit(training: Training, cfg: TrainParams, seed: int, device: torch.device, l
     if not validate:  # nothing trains after this: the tensors themselves, copied only off a GPU
         best_state = {k: v.detach().cpu() for k, v in state_of.state_dict().items()}
     train_time = sum(r["seconds"] for r in history)
-    trained_per_epoch = min(n_train, steps_per_epoch * cfg.batch_size)
-    fitted = Fitted(best_state, best_epoch, history, train_time, trained_per_epoch * len(history) / train_time)
+    fitted = Fitted(best_state, best_epoch, history, train_time, sum(r["images"] for r in history) / train_time)
     live.summary.update({"time_s": round(train_time, 2), "images_per_s": round(fitted.images_per_s, 1),
                          "trainable_params": sum(p.numel() for p in state_of.parameters() if p.requires_grad),
                          "world_size": dist.get_world_size() if dist.is_initialized() else 1})
@@ -128,6 +130,13 @@ def save_trained(path: Path, fitted: Fitted, state_key: str) -> None:
     which = (f"best epoch {fitted.epoch}: val accuracy {chosen['val_accuracy']:.4f}" if "val_accuracy" in chosen
              else f"last epoch {fitted.epoch}: train accuracy {chosen['train_accuracy']:.4f}")
     print(f"{which}, {fitted.train_time_s:.1f} s of training")
+
+
+def epoch_batches(training: Training, generator: torch.Generator, steps: int) -> Batches:
+    """An epoch's `steps` batches: passes over the training data, each freshly shuffled, cut at `steps`
+    (one pass, unless min_steps asks for more steps than a pass has)."""
+    passes = (training.batches(generator) for _ in itertools.count())
+    return itertools.islice(itertools.chain.from_iterable(passes), steps)
 
 
 def lr_factor(step: int, warmup_steps: int, total_steps: int, schedule: str) -> float:
@@ -157,7 +166,7 @@ def train_one_epoch(model, optimizer, scheduler, batches: Batches, steps: int, d
         correct += (logits.argmax(1) == y).sum()
         seen += len(y)
     loss_sum, correct, seen = summed_across_processes(loss_sum, correct.float(), float(seen))
-    return loss_sum / seen, correct / seen
+    return loss_sum / seen, correct / seen, int(seen)
 
 
 def summed_across_processes(*values) -> list[float]:

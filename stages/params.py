@@ -41,6 +41,7 @@ class DataParams:
     crop_pct: float  # resize to image_size / crop_pct, then center-crop image_size
     val_fraction: float  # share of each train class held out for validation; 0: none
     limit_per_class: Union[int, None]  # cap per class and split, applied before the val carve
+    train_per_class: Union[int, None]  # training images per class, drawn by the training stages; null: all
     stored_size: Union[int, None]  # side of the stored uint8 images; null: chosen by data.stored_side()
     skip_unreadable: bool  # image folder: skip files PIL cannot read instead of failing
     synthetic: SyntheticParams
@@ -52,6 +53,8 @@ class DataParams:
         _require(0 <= self.val_fraction < 1, "data.val_fraction", "must be in [0, 1)", self.val_fraction)
         _require(self.limit_per_class is None or self.limit_per_class > 0,
                  "data.limit_per_class", "must be a positive integer or null", self.limit_per_class)
+        _require(self.train_per_class is None or self.train_per_class > 0, "data.train_per_class",
+                 "must be a positive integer or null (every training image)", self.train_per_class)
         _require(self.stored_size is None or self.stored_size >= 8, "data.stored_size",
                  "must be at least 8, or null", self.stored_size)
         _require(self.stored_size in (None, 32) or not self.source.startswith("cifar"), "data.stored_size",
@@ -88,7 +91,8 @@ class TrainParams:
     momentum: float  # SGD only
     nesterov: bool  # SGD only
     weight_decay: float
-    epochs: int
+    epochs: int  # passes over the training images, or rounds of min_steps / epochs steps if that is more
+    min_steps: int  # the fewest optimizer steps in all; 0: epochs alone set the length
     batch_size: int
     schedule: Literal["constant", "cosine"]  # per step, after the warm-up
     warmup_epochs: int  # linear warm-up from 0
@@ -100,6 +104,11 @@ class TrainParams:
         return "finetune" if isinstance(self, FinetuneParams) else "train_heads"
 
     def steps_per_epoch(self, n_train: int) -> int:
+        """A pass over the training images, or an equal share of min_steps if that is more: few
+        images then get as many steps as many do (BiT-HyperRule's fixed step count for small data)."""
+        return max(self.steps_per_pass(n_train), math.ceil(self.min_steps / self.epochs))
+
+    def steps_per_pass(self, n_train: int) -> int:
         return math.ceil(n_train / self.batch_size)
 
     def __post_init__(self):
@@ -110,6 +119,7 @@ class TrainParams:
                  "needs optimizer sgd and a momentum above 0", self.nesterov)
         _require(self.weight_decay >= 0, f"{section}.weight_decay", "must be >= 0", self.weight_decay)
         _require(self.epochs > 0, f"{section}.epochs", "must be positive", self.epochs)
+        _require(self.min_steps >= 0, f"{section}.min_steps", "must be >= 0", self.min_steps)
         _require(self.batch_size > 0, f"{section}.batch_size", "must be positive", self.batch_size)
         _require(0 <= self.warmup_epochs < self.epochs, f"{section}.warmup_epochs",
                  f"must be in [0, {section}.epochs)", self.warmup_epochs)
@@ -144,8 +154,8 @@ class FinetuneParams(TrainParams):
     drop_last: bool  # skip each epoch's last partial batch: one batch shape for cuDNN and torch.compile
     checkpoint_interval_s: float  # seconds of training between checkpoints, taken at an epoch's end
 
-    def steps_per_epoch(self, n_train: int) -> int:
-        return n_train // self.batch_size if self.drop_last else super().steps_per_epoch(n_train)
+    def steps_per_pass(self, n_train: int) -> int:
+        return n_train // self.batch_size if self.drop_last else super().steps_per_pass(n_train)
 
     def __post_init__(self):
         super().__post_init__()
@@ -223,6 +233,11 @@ def load(path=PARAMS_FILE) -> Params:
         raise ParamError(f"{path} not found: run from the project's root") from None
     except yaml.YAMLError as error:
         raise ParamError(f"{path} is not valid YAML: {str(error).splitlines()[0]}") from None
+    return validate(raw)
+
+
+def validate(raw: dict) -> Params:
+    """Params from params.yaml's content (nested), or the ParamError of its first mistake."""
     return _build(Params, raw, prefix="")
 
 

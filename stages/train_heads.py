@@ -36,15 +36,22 @@ def main():
         return
     cfg = p.train_heads
     device = devices.setup(p.device, p.seed)
-    classes = data.num_classes(outputs.PREPARED)
+    names = data.load_manifest(outputs.PREPARED)["classes"]
+    classes = len(names)
     network = backbones.build(p.model, p.weights, classes, probe_layer=cfg.probe_layer)
     backbones.set_head_trainable(network, cfg.trainable)
     head = network.head.to(device)
+    train_labels = data.open_split(outputs.PREPARED, "train")[1]
+    subset = torch.from_numpy(data.train_subset(train_labels, p.data.train_per_class, p.seed, names))
     features = {name: load_features(outputs.FEATURES / f"{name}.npy", device)
                 for name in ("train", "train_flip", "val") if (outputs.FEATURES / f"{name}.npy").exists()}
-    labels = {name: inputs.to_device(data.open_split(outputs.PREPARED, name)[1], device) for name in ("train", "val")}
+    features.update({name: features[name][subset.to(features[name].device)]
+                     for name in ("train", "train_flip") if name in features})
+    labels = {"train": inputs.to_device(train_labels[subset.numpy()], device),
+              "val": inputs.to_device(data.open_split(outputs.PREPARED, "val")[1], device)}
     if cfg.solver == "lbfgs":
-        fit_probe(head, features, labels, classes)
+        # With a subset, val is only for choosing: training on it would add its images to every size
+        fit_probe(head, features, labels, classes, refit_on_val=p.data.train_per_class is None)
         return
 
     def train_batches(generator):
@@ -63,8 +70,9 @@ def main():
     outputs.write_json(L2_SEARCH, [])
 
 
-def fit_probe(head: nn.Module, features: dict, labels: dict, classes: int) -> None:
-    """The head's last Linear as a linear probe on what the rest of the head makes of the features."""
+def fit_probe(head: nn.Module, features: dict, labels: dict, classes: int, refit_on_val: bool = True) -> None:
+    """The head's last Linear as a linear probe on what the rest of the head makes of the features:
+    its L2 strength chosen on val, then refitted on train + val (or on train alone)."""
     started = time.perf_counter()
     frozen, last = (head[:-1], head[-1]) if isinstance(head, nn.Sequential) else (nn.Identity(), head)
     flipped = ["train_flip"] if "train_flip" in features else []
@@ -76,7 +84,9 @@ def fit_probe(head: nn.Module, features: dict, labels: dict, classes: int) -> No
     train_x, val_x = standardise(train_x), standardise(val_x)
     search, chosen = probe.search_l2(train_x, train_y, val_x, val_y, classes)
     l2 = 10.0 ** chosen["log10_l2"]
-    weight, bias, evaluations = probe.fit(torch.cat([train_x, val_x]), torch.cat([train_y, val_y]), l2, classes)
+    if refit_on_val:
+        train_x, train_y = torch.cat([train_x, val_x]), torch.cat([train_y, val_y])
+    weight, bias, evaluations = probe.fit(train_x, train_y, l2, classes)
     weight, bias = standardise.fold(weight, bias)
     with torch.no_grad():
         last.weight.copy_(weight)
@@ -93,7 +103,7 @@ def fit_probe(head: nn.Module, features: dict, labels: dict, classes: int) -> No
     live.end()
     outputs.empty_curves(LIVE)  # no epochs: the per-epoch curves that dvc.yaml declares stay empty
     print(f"linear probe: L2 strength {l2:.3g} (val accuracy {chosen['val_accuracy']:.4f}, {len(search)} fits), "
-          f"refitted on train + val in {evaluations} evaluations; {seconds:.1f} s")
+          f"refitted on train{' + val' if refit_on_val else ''} in {evaluations} evaluations; {seconds:.1f} s")
 
 
 @torch.no_grad()

@@ -10,7 +10,7 @@ from stages.params import TrainParams
 
 
 def cfg(**changes) -> TrainParams:
-    values = dict(optimizer="sgd", lr=0.05, momentum=0.9, nesterov=False, weight_decay=0.0, epochs=6,
+    values = dict(optimizer="sgd", lr=0.05, momentum=0.9, nesterov=False, weight_decay=0.0, epochs=6, min_steps=0,
                   batch_size=16, schedule="constant", warmup_epochs=0, patience=None, label_smoothing=0.0)
     return TrainParams(**{**values, **changes})
 

@@ -7,11 +7,16 @@
     python -m stages.study --shard 1/2 --remote origin        # this machine's half of the grid; another runs 2/2
     python -m stages.study --models timm/tf_efficientnet_lite0 -S data.source=imagefolder \\
         -S data.root=/path/to/images -S weights=/path/to/lite0.pth -S data.image_size=96
+    python -m stages.study --strategies feature_extraction,finetune,scratch -S data.train_per_class=10,100,1000
+        # the transfer curve: each strategy at each training-set size, against training from scratch
 
 Each cell is one experiment queued with `dvc exp run --queue`, named by its model, strategy,
 seed and a hash of its params and commit (the same on every machine): the protocol's overrides
-(protocols.yaml, default notebook), then the -S flags, which win, then the cell's model,
-strategy and seed. DVC runs each in its own temporary copy of the repository, sharing the cache
+(protocols.yaml, default notebook; for scratch, its scratch recipe on top), then the -S flags,
+which win, then the cell's model, strategy and seed. A scratch cell fine-tunes from random
+weights (weights: none, whatever -S weights says). `-S key=a,b,c` (or `range(...)`, Hydra's
+sweep syntax, as `dvc exp run -S` takes it) multiplies the cells of each strategy whose stages
+read that key (dvc.yaml's params), and every value is validated before anything is queued. DVC runs each in its own temporary copy of the repository, sharing the cache
 and run-cache. One queue worker per GPU (`dvc queue start`, started with CUDA_VISIBLE_DEVICES
 set to its GPU, or to its group of GPUs for a fine-tune under torchrun) runs its experiments one
 after another, so no two share a GPU and the GPU never becomes a param; with no GPU, one worker.
@@ -25,6 +30,7 @@ a machine that died is restarted with the same command, and its experiments left
 run again. Without --shard, a SLURM array or a Kubernetes indexed Job gives the shard (launch/).
 """
 import argparse
+import itertools
 import os
 import re
 import signal
@@ -35,15 +41,21 @@ from pathlib import Path
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import OverrideType
 from hydra.errors import HydraException
+import yaml
 from tqdm import tqdm
 
+from stages import check_inputs, params
 from stages.errors import UserError
 from stages.study import experiments, protocols, remotes, report
 from stages.study.experiments import dvc, flat
 from stages.study.options import OneLineParser, comma_list, seed_list
 
-STRATEGIES = ("feature_extraction", "finetune")
+STRATEGIES = ("feature_extraction", "finetune", "scratch")  # scratch: fine-tuning from random weights
+DEFAULT_STRATEGIES = ("feature_extraction", "finetune")  # the published study's two
 GRID_KEYS = ("model", "strategy", "seed")  # set by --models, --strategies and --seeds
+STAGES_OF = {"feature_extraction": ("prepare-data", "cache-features", "train-heads", "evaluate"),
+             "finetune": ("prepare-data", "finetune", "evaluate"), "scratch": ("prepare-data", "finetune", "evaluate")}
+NOT_SWEPT_FOR = {"scratch": ("weights",)}  # scratch cells keep weights: none
 PATH_KEYS = ("data.root", "weights")
 POLL_SECONDS = 5
 STALL_POLLS = 24  # two minutes with no experiment alive and no state changing: the queue has stopped
@@ -54,12 +66,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = OneLineParser(prog="python -m stages.study", description=__doc__,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="alexnet,vgg16", help="comma-separated")
-    parser.add_argument("--strategies", default=",".join(STRATEGIES), help="comma-separated")
+    parser.add_argument("--strategies", default=",".join(DEFAULT_STRATEGIES),
+                        help=f"comma-separated, of {', '.join(STRATEGIES)}")
     parser.add_argument("--seeds", default="0", help="comma-separated integers >= 0")
     parser.add_argument("--protocol", default=protocols.PUBLISHED_PROTOCOL, choices=list(protocols.PROTOCOLS),
                         help="the override set of stages/study/protocols.yaml applied to every cell; -S wins over it")
     parser.add_argument("-S", "--set-param", dest="overrides", action="append", default=[],
-                        metavar="KEY=VALUE", help="passed to every experiment, as dvc exp run -S reads it; repeatable")
+                        metavar="KEY=VALUE", help="passed to every experiment, as dvc exp run -S reads it; repeatable; "
+                                                  "KEY=a,b,c or KEY=range(start,stop,step) sweeps it")
     parser.add_argument("--gpus", help="comma-separated GPU ids, one experiment on each at a time, or groups "
                                        "such as 0+1,2+3 for a fine-tune with finetune.processes: 2; default: "
                                        "every visible GPU (grouped so), or one experiment at a time with none")
@@ -78,7 +92,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.seeds = seed_list(args.seeds)
     args.gpus = None if args.gpus is None else comma_list("--gpus", args.gpus)
     args.shard, args.shard_source = shard_and_source(args.shard)
-    args.overrides = {**protocols.overrides(args.protocol), **parse_overrides(args.overrides)}
+    given = parse_overrides(args.overrides)
+    args.sweeps = {key: values for key, values in given.items() if len(values) > 1}
+    mine = {key: values[0] for key, values in given.items() if len(values) == 1}
+    args.overrides = {**protocols.overrides(args.protocol), **mine}
+    args.scratch_overrides = {**protocols.overrides(args.protocol, scratch=True), **mine}
     return args
 
 
@@ -100,34 +118,65 @@ def parse_shard(text: str, source: str = "--shard") -> tuple[int, int]:
     return int(match[1]), int(match[2])
 
 
-def parse_overrides(pairs: list[str]) -> dict:
-    """{dotted key: value}, each value read as DVC reads -S: Hydra's grammar, so 1e-3 is a float."""
+def parse_overrides(pairs: list[str]) -> dict[str, list]:
+    """{dotted key: its values}, each read as DVC reads -S (Hydra's grammar, so 1e-3 is a float);
+    a sweep (a,b,c or range(...)) gives several."""
     parser = OverridesParser.create()
     overrides = {}
     for pair in pairs:
         try:
             override = parser.parse_override(pair)
+            key = override.key_or_group
+            values = list(override.sweep_iterator()) if override.is_sweep_override() else [override.value()]
         except HydraException as error:
-            raise UserError(f"-S {pair}: not key=value ({str(error).splitlines()[0]})") from None
-        key = override.key_or_group
-        if "=" not in pair or override.type != OverrideType.CHANGE or override.package is not None:
+            raise UserError(f"-S {pair}: not key=value nor key=a,b,c ({str(error).splitlines()[0]})") from None
+        if "=" not in pair or override.type not in (OverrideType.CHANGE,) or override.package is not None:
             raise UserError(f"-S {pair}: must be key=value, e.g. -S data.image_size=96")
-        if override.is_sweep_override():
-            raise UserError(f"-S {pair}: one value per key (a sweep is --models, --strategies or --seeds); "
-                            f"quote a value with a comma: -S \"{key}='a,b'\"")
         if key in GRID_KEYS:
             raise UserError(f"-S {pair}: {key} is set by --{key}s")
-        value = override.value()
-        if isinstance(value, (list, dict)):
+        if not values or len(set(map(repr, values))) != len(values):
+            raise UserError(f"-S {pair}: a sweep needs distinct values, e.g. -S {key}=10,100")
+        if any(isinstance(value, (list, dict)) for value in values):
             raise UserError(f"-S {pair}: a string, number, boolean or null, not a list or mapping")
-        if key in PATH_KEYS and isinstance(value, str) and Path(value).exists():
-            value = str(Path(value).resolve())
-        overrides[key] = value
+        if key in PATH_KEYS:
+            values = [str(Path(v).resolve()) if isinstance(v, str) and Path(v).exists() else v for v in values]
+        overrides[key] = values
     return overrides
 
 
-def grid(models: list[str], strategies: list[str], seeds: list[int], overrides: dict) -> list[dict]:
-    return [{**overrides, "model": m, "strategy": s, "seed": seed} for m in models for s in strategies for seed in seeds]
+def grid(models: list[str], strategies: list[str], seeds: list[int], overrides: dict, sweeps: dict | None = None,
+         scratch_overrides: dict | None = None, pipeline: dict | None = None) -> list[dict]:
+    """model × strategy × swept values × seed. A swept key multiplies only the strategies whose stages
+    read it (`pipeline`: dvc.yaml); a scratch cell is a fine-tune from weights: none."""
+    cells = []
+    for model, strategy in itertools.product(models, strategies):
+        swept = {key: values for key, values in (sweeps or {}).items() if applies(key, strategy, pipeline)}
+        base = scratch_overrides if strategy == "scratch" and scratch_overrides is not None else overrides
+        for values, seed in itertools.product(itertools.product(*swept.values()), seeds):
+            cell = {**base, **dict(zip(swept, values)), "model": model, "strategy": strategy, "seed": seed}
+            if strategy == "scratch":
+                cell.update(strategy="finetune", weights="none")
+            cells.append(cell)
+    return cells
+
+
+def applies(key: str, strategy: str, pipeline: dict | None) -> bool:
+    """Whether a stage of the strategy lists the key, or a section above it, among its params in dvc.yaml."""
+    if key in NOT_SWEPT_FOR.get(strategy, ()):
+        return False
+    stages = (pipeline or {}).get("stages", {})
+    listed = [p for name in STAGES_OF[strategy] for p in stages.get(name, {}).get("params", [])]
+    return any(key == p or key.startswith(f"{p}.") for p in listed)
+
+
+def validate(cell: dict, workspace: dict, sweeps: dict) -> None:
+    """The cell's whole params.yaml through params' validation; a mistake names the swept value, if any."""
+    try:
+        check_inputs.check_train_per_class(params.validate(experiments.nest(expected(cell, workspace))).data)
+    except params.ParamError as error:
+        swept = ", ".join(f"{key}={cell[key]!r}" for key in sweeps if key in cell)
+        raise UserError(f"{error}".replace("; git checkout params.yaml restores the committed values", "")
+                        + (f" in the cell with {swept}" if swept else "") + ": fix the -S value") from None
 
 
 def shard(cells: list[dict], index: int, count: int) -> list[dict]:
@@ -331,11 +380,15 @@ def main():
         remotes.pull(args.remote)  # a cell that another machine finished is done here too
     shown = experiments.exp_show()
     workspace = experiments.workspace_params(shown)
-    unknown = [key for key in args.overrides if key not in flat(workspace)]
+    unknown = [key for key in [*args.overrides, *args.sweeps] if key not in flat(workspace)]
     if unknown:
         raise UserError(f"-S {unknown[0]}: no such key in params.yaml")
-    cells = grid(args.models, args.strategies, args.seeds, args.overrides)
-    fine_tunes = "finetune" in args.strategies
+    pipeline = yaml.safe_load(Path("dvc.yaml").read_text())
+    cells = grid(args.models, args.strategies, args.seeds, args.overrides, args.sweeps, args.scratch_overrides,
+                 pipeline)
+    for cell in cells:  # a value that check-inputs would refuse stops the study before anything is queued
+        validate(cell, workspace, args.sweeps)
+    fine_tunes = bool({"finetune", "scratch"} & set(args.strategies))
     processes = {**flat(workspace), **args.overrides}.get("finetune.processes", 1) if fine_tunes else 1
     gpus = gpu_groups(args.gpus, processes)
     mine = shard(cells, *args.shard)

@@ -2,6 +2,7 @@
 
     python -m stages.study.protocols readme        # prints: -S data.crop_pct=1.0 -S ...
     dvc exp run $(python -m stages.study.protocols readme)
+    dvc exp run $(python -m stages.study.protocols best --scratch) -S strategy=finetune   # from random weights
 """
 import re
 import sys
@@ -9,14 +10,28 @@ from pathlib import Path
 
 import yaml
 
-PROTOCOLS = yaml.safe_load((Path(__file__).parent / "protocols.yaml").read_text())
+_FILE = yaml.safe_load((Path(__file__).parent / "protocols.yaml").read_text())
+PROTOCOLS = {name: {k: v for k, v in keys.items() if k != "scratch"} for name, keys in _FILE.items()}
+SCRATCH = {name: keys.get("scratch") or {} for name, keys in _FILE.items()}  # on top, for training from scratch
 PUBLISHED_PROTOCOL = "notebook"  # the protocol that produced the study's published numbers
 
 
-def overrides(name: str) -> dict:
+def overrides(name: str, scratch: bool = False) -> dict:
+    """The protocol's settings; with `scratch`, its recipe for training from random weights."""
     if name not in PROTOCOLS:
         raise KeyError(f"unknown protocol {name!r} (known: {', '.join(PROTOCOLS)})")
-    return dict(PROTOCOLS[name])
+    return {**PROTOCOLS[name], **(SCRATCH[name] if scratch else {})}
+
+
+def is_scratch(params: dict) -> bool:
+    """Fine-tuning from random weights: the study's scratch strategy (params nested or flat)."""
+    strategy = params.get("strategy")
+    return strategy == "finetune" and params.get("weights") == "none"
+
+
+def strategy_of(params: dict) -> str:
+    """feature_extraction, finetune or scratch."""
+    return "scratch" if is_scratch(params) else params.get("strategy")
 
 
 def lookup(nested: dict, dotted: str):
@@ -28,9 +43,10 @@ def lookup(nested: dict, dotted: str):
 
 
 def protocol_of(params: dict) -> str | None:
-    """The protocol whose every key has its value in `params` (nested, as in params.yaml), if any."""
-    for name, settings in PROTOCOLS.items():
-        if all(_same(lookup(params, key), value) for key, value in settings.items()):
+    """The protocol whose every key has its value in `params` (nested, as in params.yaml), if any;
+    a run from scratch is held against the protocol's scratch recipe."""
+    for name in PROTOCOLS:
+        if not differences(params, name):
             return name
     return None
 
@@ -41,8 +57,8 @@ def nearest(params: dict) -> str:
 
 
 def differences(params: dict, name: str) -> list[str]:
-    """The keys of protocol `name` whose value in `params` differs."""
-    return [key for key, value in PROTOCOLS[name].items() if not _same(lookup(params, key), value)]
+    """The keys of protocol `name` (its scratch recipe for a run from scratch) whose value in `params` differs."""
+    return [key for key, value in overrides(name, is_scratch(params)).items() if not _same(lookup(params, key), value)]
 
 
 def _same(a, b) -> bool:
@@ -51,8 +67,9 @@ def _same(a, b) -> bool:
     return a == b
 
 
-def flags(name: str) -> list[str]:
-    return [arg for key, value in overrides(name).items() for arg in ("-S", f"{key}={value_text(value)}")]
+def flags(name: str, scratch: bool = False) -> list[str]:
+    settings = {**overrides(name, scratch), **({"weights": "none"} if scratch else {})}
+    return [arg for key, value in settings.items() for arg in ("-S", f"{key}={value_text(value)}")]
 
 
 def value_text(value) -> str:
@@ -70,10 +87,11 @@ def value_text(value) -> str:
 
 
 def main():
-    if len(sys.argv) != 2 or sys.argv[1] not in PROTOCOLS:
-        print(f"usage: python -m stages.study.protocols {{{'|'.join(PROTOCOLS)}}}", file=sys.stderr)
+    args = sys.argv[1:]
+    if len(args) not in (1, 2) or args[0] not in PROTOCOLS or args[1:] not in ([], ["--scratch"]):
+        print(f"usage: python -m stages.study.protocols {{{'|'.join(PROTOCOLS)}}} [--scratch]", file=sys.stderr)
         sys.exit(2)
-    print(" ".join(flags(sys.argv[1])))
+    print(" ".join(flags(args[0], scratch=args[1:] == ["--scratch"])))
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from stages import figures
 from stages.errors import UserError, run_stage
 from stages.study import charts, experiments, remotes, table
 from stages.study.options import OneLineParser, comma_list, seed_list
+from stages.study.protocols import strategy_of
 
 OUT = Path("study")
 
@@ -27,7 +28,7 @@ OUT = Path("study")
 def select(records: list[dict], models=None, strategies=None, seeds=None) -> list[dict]:
     """The records of the given models, strategies and seeds (None: all)."""
     return [r for r in records if (not models or r["params"].get("model") in models)
-            and (not strategies or r["params"].get("strategy") in strategies)
+            and (not strategies or strategy_of(r["params"]) in strategies)
             and (seeds is None or r["params"].get("seed") in seeds)]
 
 

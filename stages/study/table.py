@@ -10,7 +10,7 @@ import pandas as pd
 
 from stages import outputs
 from stages.study.experiments import NOT_RUN, flat, nest, rank
-from stages.study.protocols import PROTOCOLS, PUBLISHED_PROTOCOL, differences, nearest, protocol_of
+from stages.study.protocols import PUBLISHED_PROTOCOL, differences, nearest, overrides, protocol_of, strategy_of
 
 # The study's test accuracy, from its notebook's protocol (stages/study/protocols.yaml: SGD with
 # momentum 0.9, batch 32, 3 epochs) on the whole of CIFAR-10 at 224 px with ImageNet weights.
@@ -63,9 +63,20 @@ def results(experiments: pd.DataFrame) -> pd.DataFrame:
         problems=("problem", lambda found: "; ".join(found.dropna())), failed=("failed", "sum"))
     settings = unique.drop_duplicates("key").set_index("key")[grouping]
     differing = [c for c in grouping if c not in ("model", "strategy") and settings[c].map(text).nunique() > 1]
+    if "weights" in differing and len(set(settings["weights"].map(text)) - {"none"}) == 1:
+        differing.remove("weights")  # pre-trained or none: the strategy column says it (scratch)
     described = pd.DataFrame([describe(row.to_dict(), differing) for _, row in settings.iterrows()],
                              index=settings.index)
-    return described.join(numbers).sort_values(["model", "strategy", "protocol", "settings"], ignore_index=True)
+    swept = [c for c in differing if c != "weights"]  # their values too, for curves over them
+    return described.join(settings[swept]).join(numbers).sort_values(
+        ["model", "strategy", "protocol", *swept, "settings"], ignore_index=True, key=_sortable)
+
+
+def _sortable(column: pd.Series) -> pd.Series:
+    """Numbers in order with null (all) after them; text as text."""
+    if column.map(lambda v: v is None or isinstance(v, (int, float)) and not isinstance(v, bool)).all():
+        return column.map(lambda v: float("inf") if v is None or pd.isna(v) else float(v))
+    return column.map(text)
 
 
 def one_per_run(experiments: pd.DataFrame, params: list[str]) -> pd.DataFrame:
@@ -87,9 +98,9 @@ def describe(params: dict, differing: list[str]) -> dict:
     protocol = protocol_of(nested)
     base = protocol or nearest(nested)
     # The protocol's name stands for its keys; a custom row names those that differ from the nearest one
-    implied = set(PROTOCOLS[base]) - set(differences(nested, base))
+    implied = set(overrides(base, scratch=strategy_of(params) == "scratch")) - set(differences(nested, base))
     number, note = published(params, protocol)
-    return {"model": params.get("model"), "strategy": params.get("strategy"),
+    return {"model": params.get("model"), "strategy": strategy_of(params),
             "protocol": protocol or f"custom (near {base})",
             "settings": ", ".join(f"{k}={text(params.get(k))}" for k in differing if k not in implied),
             "published_accuracy": float("nan") if number is None else number, "published_note": note}
