@@ -10,7 +10,7 @@ finetune.unfreeze, train_heads.trainable. Each stage's functions are called as t
 them, on the N images:
 
     cache-features  inputs.image_inputs + cache_features.write_features: host uint8 -> fp16 .npy
-    train-heads     loop.fit on train_heads.feature_batches of fp16 features on the device
+    train-heads     loop.fit on head_training.feature_batches of fp16 features on the device
     finetune        loop.fit on finetune's batches (augment, model_input), checkpoints as params.yaml sets them
     evaluate        inputs.image_inputs + loop.predict: host uint8 -> logits on the host
 
@@ -42,10 +42,10 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from stages import backbones, device as devices, finetune, inputs, loop, params
+from stages import backbones, device as devices, finetuning, inputs, loop, params
 from stages.checkpoints import Checkpoints
 from stages.cache_features import feature_dim, prepare_body, write_features
-from stages.train_heads import feature_batches, load_features
+from stages.head_training import feature_batches, load_features
 
 SIZES = {"small": {"models": "alexnet", "image_size": 64, "images": 1024},  # 4 batches of 256 per split
          "full": {"models": "alexnet,vgg16,timm/tf_efficientnet_lite0", "image_size": 224, "images": 20480}}
@@ -155,7 +155,7 @@ def finetune_runs(network, images, labels, p, s):
     cfg = replace(p.finetune, epochs=TIMED_EPOCHS, batch_size=batch_of(s, p.finetune.batch_size))
     backbones.set_trainable(network, cfg.unfreeze)
     model = devices.place(network.model, s.device)
-    groups = finetune.parameter_groups(network, cfg)
+    groups = finetuning.parameter_groups(network, cfg)
     fast_model = devices.maybe_compile(model, s.compile)
     train_images, train_labels = images.to(s.device), labels.to(s.device)
     data_params = replace(p.data, image_size=s.image_size)
@@ -163,7 +163,7 @@ def finetune_runs(network, images, labels, p, s):
     def ours():
         checkpoints = Checkpoints(s.folder / "checkpoints" / "last.pt", "benchmark", s.device,
                                   cfg.checkpoint_interval_s)
-        loop.fit(loop.Training(fast_model, groups, lambda generator: finetune.train_batches(
+        loop.fit(loop.Training(fast_model, groups, lambda generator: finetuning.train_batches(
                      train_images, train_labels, cfg, data_params, network.preprocess, generator),
                      len(train_labels), state_of=model),
                  cfg, p.seed, s.device, s.folder / "live", checkpoints)

@@ -25,11 +25,12 @@ IN_FLIGHT = 3  # batches whose copy to the host and disk write may still be runn
 
 def main():
     p = params.load()
-    if p.strategy == "feature_extraction":
-        outputs.require(outputs.PREPARED / "manifest.json")
-    if not outputs.chosen_strategy(outputs.FEATURES, p.strategy, "feature_extraction"):
+    if p.strategy != "feature_extraction":
+        outputs.write_skipped(outputs.FEATURES, p.strategy)
         outputs.write_json(outputs.FEATURE_METRICS, {"time_s": 0.0, "images_per_s": 0.0})
         return
+    outputs.require(outputs.PREPARED / "manifest.json")
+    outputs.fresh_folder(outputs.FEATURES)
     device = devices.setup(p.device)
     network = backbones.build(p.model, p.weights, data.num_classes(outputs.PREPARED), p.data.image_size)
     body = prepare_body(network.body, device)

@@ -54,5 +54,5 @@ def save(fig, path: Path) -> None:
     """The figure as a PNG at `path`, then closed."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")  # a legend beside the axes stays in
     plt.close(fig)

@@ -114,6 +114,7 @@ def fit(training: Training, cfg: TrainParams, seed: int, device: torch.device, l
     train_time = sum(r["seconds"] for r in history)
     fitted = Fitted(best_state, best_epoch, history, train_time, sum(r["images"] for r in history) / train_time)
     live.summary.update({"time_s": round(train_time, 2), "images_per_s": round(fitted.images_per_s, 1),
+                         "train_images": n_train, "steps": steps_per_epoch * len(history),
                          "trainable_params": sum(p.numel() for p in state_of.parameters() if p.requires_grad),
                          "world_size": dist.get_world_size() if dist.is_initialized() else 1})
     if validate:

@@ -57,14 +57,13 @@ def read_json(path: Path):
     return json.loads(path.read_text())
 
 
-def chosen_strategy(folder: Path, chosen: str, strategy: str) -> bool:
-    """Empties a strategy stage's output folder. When `strategy` is not the `chosen` one, leaves
-    only a small note there and returns False: DVC's run-cache keeps that variant's real outputs."""
+def write_skipped(folder: Path, chosen: str, live_dir: Path | None = None) -> None:
+    """A strategy stage's outputs when its strategy is not the `chosen` one: a small note in its
+    folder (DVC's run-cache keeps the real outputs of that variant) and DVCLive's files empty."""
     fresh_folder(folder)
-    if chosen == strategy:
-        return True
     write_json(folder / "skipped.json", {"skipped": f"strategy is {chosen}"})
-    return False
+    if live_dir:
+        empty_live(live_dir)
 
 
 def empty_live(live_dir: Path) -> None:

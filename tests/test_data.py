@@ -50,6 +50,31 @@ def test_cap_per_class_takes_the_first_n_in_a_seeded_order():
     assert set(chosen) <= set(more)
 
 
+def test_training_subsets_are_balanced_nested_seeded_and_leave_val_and_test_whole(project):
+    arrays, _ = prepare(data_params(project, val_fraction=0.1))
+    folder = next(Path(".").glob("tmp*/prepared"))
+    labels = arrays["train"][1]
+    names = [f"class_{c}" for c in range(10)]
+    small, large = (data.train_subset(labels, n, 0, names) for n in (5, 20))
+    assert np.bincount(labels[small]).tolist() == [5] * 10 and np.bincount(labels[large]).tolist() == [20] * 10
+    assert set(small) <= set(large) and np.all(np.diff(large) > 0)
+    assert np.array_equal(small, data.train_subset(labels, 5, 0, names))
+    assert not np.array_equal(small, data.train_subset(labels, 5, 1, names))  # seeds average over subsets
+    images, subset_labels = data.open_train_subset(folder, 5, 0)
+    assert np.array_equal(images, arrays["train"][0][small]) and np.array_equal(subset_labels, labels[small])
+    assert data.open_train_subset(folder, None, 0)[0].shape == arrays["train"][0].shape
+    with pytest.raises(data.DataError, match="class_0 has only 54 training images"):
+        data.train_subset(labels, 55, 0, names)
+
+
+def test_a_training_size_above_what_a_class_holds_is_refused_before_anything_runs(project):
+    check_inputs.check_train_per_class(data_params(project, val_fraction=0.1, train_per_class=54))
+    with pytest.raises(params.ParamError, match="class_0 has 54 .got 55"):
+        check_inputs.check_train_per_class(data_params(project, val_fraction=0.1, train_per_class=55))
+    with pytest.raises(params.ParamError, match="data.train_per_class must be a positive integer"):
+        data_params(project, train_per_class=0)
+
+
 def prepare(data_params: params.DataParams) -> tuple[dict, dict]:
     """data.prepare into a new folder: ({split: (images, labels)}, manifest)."""
     folder = Path(tempfile.mkdtemp(dir=".")) / "prepared"

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 import torchvision
 from PIL import Image
 
-from stages import augment, data, finetune, inputs, params
+from stages import augment, data, finetuning, inputs, params
 from tests.conftest import CIFAR_JPEG, needs_shared, unpack_cifar_jpeg
 
 PRE = inputs.Preprocess((0.5, 0.5, 0.5), (0.25, 0.25, 0.25), "bicubic")
@@ -127,7 +127,7 @@ def test_finetune_batches_keep_or_drop_the_partial_last_batch_and_split_across_p
 
     def batches(cfg, rank=0, world=1):
         generator = torch.Generator().manual_seed(0)
-        return list(finetune.train_batches(images, labels, cfg, data_params, PRE, generator, rank, world))
+        return list(finetuning.train_batches(images, labels, cfg, data_params, PRE, generator, rank, world))
 
     for drop_last, sizes in ((False, [32, 32, 6]), (True, [32, 32])):
         cfg = replace(p.finetune, batch_size=32, drop_last=drop_last, flip=True, crop_padding=2)

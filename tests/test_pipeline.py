@@ -73,8 +73,12 @@ def test_feature_extraction_then_finetune_as_dvc_experiments(dvc_project):
     assert "train-heads" in ran_stages(other_seed.stdout)
     changed = run("dvc", "exp", "run", "-S", "seed=0", "-S", "train_heads.lr=0.0005")
     assert ran_stages(changed.stdout) == ["check-inputs", "train-heads", "evaluate"]
+    smaller = run("dvc", "exp", "run", "-S", "data.train_per_class=20")  # a second size: the data and features serve it
+    assert ran_stages(smaller.stdout) == ["check-inputs", "train-heads", "finetune", "evaluate"]
+    assert metrics(dvc_project, "live/train_heads/metrics.json")["train_images"] == 20 * 10
 
-    finetune = run("dvc", "exp", "run", "-S", "strategy=finetune", "-S", "train_heads.lr=0.0005")
+    finetune = run("dvc", "exp", "run", "-S", "strategy=finetune", "-S", "train_heads.lr=0.0005",
+                   "-S", "data.train_per_class=null")
     assert "prepare-data" not in ran_stages(finetune.stdout)
     lock = yaml.safe_load((dvc_project / "dvc.lock").read_text())
     features = next(o for o in lock["stages"]["cache-features"]["outs"] if o["path"] == "data/features")
@@ -95,7 +99,7 @@ def test_feature_extraction_then_finetune_as_dvc_experiments(dvc_project):
 
     shown = json.loads(run("dvc", "exp", "show", "--json").stdout)
     revs = [rev for baseline in shown for e in baseline["experiments"] or [] for rev in e["revs"]]
-    assert len(revs) == 5
+    assert len(revs) == 6
     live = [rev["data"]["metrics"]["live/finetune/metrics.json"]["data"] for rev in revs
             if rev["data"]["params"]["params.yaml"]["data"]["strategy"] == "finetune"]  # DVCLive's record
     assert len(live) == 2 and all({"train", "val", "best_epoch", "time_s"} <= set(r) for r in live)

@@ -12,7 +12,7 @@ import pytest
 import yaml
 from hydra.core.override_parser.overrides_parser import OverridesParser
 
-from stages.study import charts, experiments, grid as study, protocols, report
+from stages.study import charts, experiments, grid as study, protocols, remotes, report
 from stages.study.table import results, runs
 from stages.errors import UserError
 from tests.conftest import REPO, run
@@ -168,7 +168,9 @@ def test_the_shards_of_the_grid_cover_it_exactly_once():
 
 @pytest.mark.parametrize("argv", [["--strategies", "finetuning"], ["--models", "alexnet,,vgg16"], ["--seeds", "0,x"],
                                   ["--shard", "3/2"], ["--shard", "half"], ["--protocol", "paper"],
-                                  ["-S", "seed=1"], ["-S", "train_heads.lr=1e-3,1e-4"], ["--gpus", "0,0"]])
+                                  ["-S", "seed=1"], ["-S", "train_heads.lr=1e-3,1e-3"], ["--gpus", "0,0"],
+                                  ["-S", "train_heads.lr=interval(0,1)"], ["-S", "no.such_key=1,2"],
+                                  ["-S", "data.train_per_class=0,10"], ["--strategies", "scratch", "-S", "finetune.epochs=2,x"]])
 def test_a_cli_mistake_is_one_line_and_exit_code_2(argv):
     result = subprocess.run([sys.executable, "-m", "stages.study", *argv], capture_output=True, text=True, cwd=REPO)
     assert result.returncode == 2 and result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, result.stderr
@@ -178,6 +180,81 @@ def test_a_report_option_mistake_is_one_line_before_dvc_is_asked(tmp_path):
     result = subprocess.run([sys.executable, "-m", "stages.study.report", "--seeds", "0,x"], capture_output=True,
                             text=True, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO), "PATH": "/nonexistent"})
     assert result.returncode == 2 and result.stderr == "error: --seeds 0,x: must be integers >= 0, comma-separated, e.g. 0,1,2\n"
+
+
+PIPELINE = yaml.safe_load((REPO / "dvc.yaml").read_text())
+
+
+def test_a_sweep_multiplies_only_the_strategies_that_read_its_key_and_names_each_cell_once():
+    args = study.parse_args(["--strategies", "feature_extraction,finetune,scratch", "--seeds", "0,1", "--protocol",
+                             "best", "-S", "data.train_per_class=10,100", "-S", "finetune.unfreeze=range(1,4)",
+                             "-S", "weights=/a/w.pth,/b/w.pth"])
+    assert args.sweeps == {"data.train_per_class": [10, 100], "finetune.unfreeze": [1, 2, 3],
+                           "weights": ["/a/w.pth", "/b/w.pth"]}
+    cells = study.grid(["alexnet"], args.strategies, args.seeds, args.overrides, args.sweeps, args.scratch_overrides,
+                       PIPELINE)
+    by = {name: [c for c in cells if protocols.strategy_of(c) == name] for name in ("feature_extraction", "finetune",
+                                                                                     "scratch")}
+    # FE: sizes × weights × seeds; fine-tuning: sizes × depths × weights × seeds; scratch: sizes × depths × seeds
+    assert [len(by[name]) for name in by] == [2 * 2 * 2, 2 * 3 * 2 * 2, 2 * 3 * 2]
+    assert len(by["finetune"]) + len(by["feature_extraction"]) + 12 == len(cells)
+    assert all(c["finetune.unfreeze"] == "all" for c in by["feature_extraction"])  # the protocol's, not multiplied
+    assert all(c["weights"] == "none" and c["finetune.lr"] == protocols.SCRATCH["best"]["finetune.lr"]
+               for c in by["scratch"])
+    assert {c["weights"] for c in by["finetune"]} == {"/a/w.pth", "/b/w.pth"}
+    workspace = DEFAULTS
+    names = [remotes.cell_name(c, study.expected(c, workspace), "abc") for c in cells]
+    assert len(set(names)) == len(cells)
+    assert names == [remotes.cell_name(c, study.expected(c, workspace), "abc") for c in cells]  # deterministic
+    assert {n.split("-")[1] for n in names} == {"fe", "ft", "sc"}
+    assert all(protocols.protocol_of(experiments.nest(study.expected(c, workspace))) == "best"
+               for c in by["scratch"] if c["finetune.unfreeze"] == "all")
+
+
+def test_scratch_starts_from_weights_unlike_the_files(tmp_path):
+    import torch
+    import torchvision
+    from stages import backbones
+
+    written = torchvision.models.resnet18().state_dict()
+    path = tmp_path / "w.pth"
+    torch.save(written, path)
+    cells = study.grid(["resnet18"], ["finetune", "scratch"], [0], {"weights": str(path)}, pipeline=PIPELINE)
+    assert [c["weights"] for c in cells] == [str(path), "none"]
+    from_file, scratch = (backbones.build("resnet18", c["weights"], 10).body.state_dict() for c in cells)
+    assert torch.equal(from_file["conv1.weight"], written["conv1.weight"])
+    assert not torch.equal(scratch["conv1.weight"], written["conv1.weight"])
+
+
+def test_the_curve_is_drawn_from_records_with_a_band_per_strategy_and_the_gain_over_scratch(tmp_path):
+    best = protocols.overrides("best")
+    records = [fake(accuracy=accuracy + 0.01 * seed, seed=seed, strategy=strategy,
+                    **{**best, **(protocols.SCRATCH["best"] if weights == "none" else {}), "weights": weights,
+                       "data.train_per_class": size})
+               for size, accuracies in ((10, (0.5, 0.6, 0.2)), (100, (0.7, 0.8, 0.4)), (None, (0.8, 0.9, 0.8)))
+               for (strategy, weights), accuracy in zip((("feature_extraction", "imagenet"), ("finetune", "imagenet"),
+                                                        ("finetune", "none")), accuracies)
+               for seed in (0, 1)]
+    table = results(runs(records))
+    assert sorted(set(table["strategy"])) == ["feature_extraction", "finetune", "scratch"]
+    assert set(table["protocol"]) == {"best"} and table.attrs["swept"] == ["data.train_per_class"]
+    fig = charts.transfer_curve(table, "data.train_per_class")
+    lines = fig.axes[0].get_lines()
+    assert len(lines) == 3 and all(len(line.get_xdata()) == 3 for line in lines)
+    assert fig.axes[0].get_xscale() == "log" and [t.get_text() for t in fig.axes[0].get_xticklabels()] == ["1", "10", "100", "all", "1000", "5000"]
+    assert len(fig.axes[0].collections) == 3 + len(charts.ANCHORS)  # a band per line, a mark per anchor
+    report.write(records, tmp_path)
+    assert (tmp_path / "curve.png").stat().st_size > 20_000
+    markdown = (tmp_path / "results.md").read_text()
+    assert "## Gain over training from scratch, per data.train_per_class" in markdown
+    gains = table_rows(markdown, "| 10 ")
+    assert any("finetune" in r and "+40.0" in r for r in gains) and any("scratch" in r and "+0.0" in r for r in gains)
+    report.write(records[:2], tmp_path)  # nothing swept: no curve, and none left from before
+    assert not (tmp_path / "curve.png").exists()
+
+
+def table_rows(markdown: str, start: str) -> list[str]:
+    return [line for line in markdown.splitlines() if line.startswith(start)]
 
 
 def test_gpus_are_grouped_for_a_fine_tune_with_several_processes(monkeypatch):

@@ -8,8 +8,9 @@
 Reads `dvc exp show --json` only (experiments.py), tables it (table.py: one row per set of params
 but the seed, so that runs made under different settings never average together; a column names
 the settings that differ between the rows) and draws it (charts.py). Writes study/results.{md,csv},
-study/accuracy.png (a bar per row) and study/cost_accuracy.png (test accuracy against each row's
-whole cost).
+study/accuracy.png (a bar per row), study/cost_accuracy.png (test accuracy against each row's
+whole cost) and, where a numeric param was swept, study/curve.png (test accuracy against it,
+the training-set size first) with each strategy's gain over scratch in results.md.
 """
 import argparse
 from pathlib import Path
@@ -51,14 +52,31 @@ def write(records: list[dict], folder: Path = OUT) -> None:
         columns.remove("settings")
     shown = shown[columns].astype(object).where(shown[columns].notna(), "")
     markdown = shown.to_markdown(index=False)  # pandas uses tabulate, which dvc installs
+    key = table.curve_key(results)
     (folder / "results.md").write_text(
         "# Study results\n\nTest accuracy as mean ± std over seeds, one row per set of params but the seed. "
         "published: the study's number, where the row ran its notebook's protocol on the same data, weights "
         "and image size, else why it does not compare. time_s: the whole cost of a run, feature cache "
         "+ training.\n\n"
-        f"{markdown}\n\n## Provenance\n{table.provenance(runs)}\n")
+        f"{markdown}\n\n{gains_section(results, key)}## Provenance\n{table.provenance(runs)}\n")
     figures.save(charts.study_bars(results), folder / "accuracy.png")
     figures.save(charts.cost_accuracy(results), folder / "cost_accuracy.png")
+    (folder / "curve.png").unlink(missing_ok=True)  # a curve from an earlier study would pass for this one's
+    if key:
+        figures.save(charts.transfer_curve(results, key), folder / "curve.png")
+
+
+def gains_section(results: pd.DataFrame, key: str | None) -> str:
+    """results.md's table of each strategy's gain over scratch per value of the swept key, if both exist."""
+    if not key or "scratch" not in set(results["strategy"]):
+        return ""
+    gains = table.gains_over_scratch(results, key).assign(
+        test_accuracy=lambda t: t["test_accuracy"].map("{:.4f}".format),
+        gain_over_scratch=lambda t: t["gain_over_scratch"].map(lambda g: "" if pd.isna(g) else f"{g:+.1f}"),
+        time_s=lambda t: t["time_s"].map(lambda v: "" if pd.isna(v) else f"{v:.1f}"))
+    return (f"## Gain over training from scratch, per {key}\n\nTest accuracy (mean over the seeds), its gain "
+            "in points over the scratch row of the same model, protocol and settings, and the whole cost of "
+            f"one run (s). The curve: curve.png.\n\n{gains.to_markdown(index=False, disable_numparse=True)}\n\n")
 
 
 def _mean_std(mean, std, count, failed) -> str:

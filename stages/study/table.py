@@ -67,16 +67,50 @@ def results(experiments: pd.DataFrame) -> pd.DataFrame:
         differing.remove("weights")  # pre-trained or none: the strategy column says it (scratch)
     described = pd.DataFrame([describe(row.to_dict(), differing) for _, row in settings.iterrows()],
                              index=settings.index)
-    swept = [c for c in differing if c != "weights"]  # their values too, for curves over them
-    return described.join(settings[swept]).join(numbers).sort_values(
+    # What varies within a strategy (not a scratch recipe's rates against fine-tuning's): their values too, for curves
+    strategies = settings.apply(lambda row: strategy_of(row.to_dict()), axis=1)
+    swept = [c for c in differing if settings[c].map(text).groupby(strategies).nunique().max() > 1]
+    table = described.join(settings[swept]).join(numbers).sort_values(
         ["model", "strategy", "protocol", *swept, "settings"], ignore_index=True, key=_sortable)
+    table.attrs["swept"] = swept
+    return table
+
+
+def curve_key(results: pd.DataFrame) -> str | None:
+    """The swept param to draw accuracy against: the training-set size if it varies, else the first
+    numeric one (null stands for all of the data), else None."""
+    numeric = [c for c in results.attrs.get("swept", [])
+               if results[c].map(lambda v: v is None or _is_number(v)).all() and results[c].map(_is_number).any()]
+    return "data.train_per_class" if "data.train_per_class" in numeric else next(iter(numeric), None)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and not pd.isna(value)
 
 
 def _sortable(column: pd.Series) -> pd.Series:
-    """Numbers in order with null (all) after them; text as text."""
-    if column.map(lambda v: v is None or isinstance(v, (int, float)) and not isinstance(v, bool)).all():
-        return column.map(lambda v: float("inf") if v is None or pd.isna(v) else float(v))
+    """Numbers in order with null (all of the data) after them; anything else as text."""
+    if column.map(lambda v: v is None or _is_number(v)).all():
+        return column.map(lambda v: float(v) if _is_number(v) else float("inf"))
     return column.map(text)
+
+
+def gains_over_scratch(results: pd.DataFrame, key: str) -> pd.DataFrame:
+    """Per value of `key`, each strategy's test accuracy, its gain in points over training from scratch
+    (the scratch row of the same model, protocol and other settings) and its whole cost."""
+    others = [c for c in results.attrs.get("swept", []) if c != key]
+    done = results[results["accuracy_mean"].notna()].sort_values(key, key=_sortable, kind="stable")
+    match = ["model", "protocol", key, *others]
+
+    def cell(row) -> tuple:
+        return tuple(text(row[c]) for c in match)
+
+    scratch = {cell(row): row["accuracy_mean"] for _, row in done.iterrows() if row["strategy"] == "scratch"}
+    return pd.DataFrame([{key: "all" if row[key] is None else text(row[key]), "model": row["model"],
+                          "strategy": row["strategy"], **{c: text(row[c]) for c in others}, "seeds": row["seeds"],
+                          "test_accuracy": row["accuracy_mean"],
+                          "gain_over_scratch": 100 * (row["accuracy_mean"] - scratch.get(cell(row), float("nan"))),
+                          "time_s": row["total_time_s"]} for _, row in done.iterrows()])
 
 
 def one_per_run(experiments: pd.DataFrame, params: list[str]) -> pd.DataFrame:

@@ -1,0 +1,116 @@
+"""The train-heads stage's training (stages/train_heads.py runs it): the head by epochs, or the linear probe."""
+
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from stages import backbones, data, device as devices, inputs, loop, outputs, params, probe
+from stages.train_heads import L2_SEARCH, LIVE, OUT
+
+
+def train(p: params.Params) -> None:
+    """The stage's work, with strategy feature_extraction: the head by epochs, or the probe."""
+    outputs.fresh_folder(OUT)
+    cfg = p.train_heads
+    device = devices.setup(p.device, p.seed)
+    names = data.load_manifest(outputs.PREPARED)["classes"]
+    classes = len(names)
+    network = backbones.build(p.model, p.weights, classes, probe_layer=cfg.probe_layer)
+    backbones.set_head_trainable(network, cfg.trainable)
+    head = network.head.to(device)
+    train_labels = data.open_split(outputs.PREPARED, "train")[1]
+    subset = torch.from_numpy(data.train_subset(train_labels, p.data.train_per_class, p.seed, names))
+    features = {name: load_features(outputs.FEATURES / f"{name}.npy", device)
+                for name in ("train", "train_flip", "val") if (outputs.FEATURES / f"{name}.npy").exists()}
+    features.update({name: features[name][subset.to(features[name].device)]
+                     for name in ("train", "train_flip") if name in features})
+    labels = {"train": inputs.to_device(train_labels[subset.numpy()], device),
+              "val": inputs.to_device(data.open_split(outputs.PREPARED, "val")[1], device)}
+    if cfg.solver == "lbfgs":
+        # With a subset, val is only for choosing: training on it would add its images to every size
+        fit_probe(head, features, labels, classes, refit_on_val=p.data.train_per_class is None)
+        return
+
+    def train_batches(generator):
+        return feature_batches(features["train"], features.get("train_flip"), labels["train"], cfg.batch_size,
+                               generator)
+
+    def validate():
+        batches = loop.feature_inputs(features["val"], device)
+        return loop.loss_and_accuracy(loop.predict(head, batches, device), labels["val"])
+
+    trainable = [t for t in head.parameters() if t.requires_grad]
+    training = loop.Training(head, [{"params": trainable, "lr": cfg.lr}], train_batches, len(labels["train"]),
+                             validate if len(labels["val"]) else None)
+    fitted = loop.fit(training, cfg, p.seed, device, LIVE)
+    loop.save_trained(outputs.TRAINED["feature_extraction"], fitted, "head")
+    outputs.write_json(L2_SEARCH, [])
+
+
+def fit_probe(head: nn.Module, features: dict, labels: dict, classes: int, refit_on_val: bool = True) -> None:
+    """The head's last Linear as a linear probe on what the rest of the head makes of the features:
+    its L2 strength chosen on val, then refitted on train + val (or on train alone)."""
+    started = time.perf_counter()
+    frozen, last = (head[:-1], head[-1]) if isinstance(head, nn.Sequential) else (nn.Identity(), head)
+    flipped = ["train_flip"] if "train_flip" in features else []
+    device = labels["train"].device
+    train_x = torch.cat([probe_inputs(frozen, features[name], device) for name in ["train", *flipped]])
+    train_y = labels["train"].repeat(1 + len(flipped))
+    val_x, val_y = probe_inputs(frozen, features["val"], device), labels["val"]
+    standardise = probe.Standardiser.of(train_x)
+    train_x, val_x = standardise(train_x), standardise(val_x)
+    search, chosen = probe.search_l2(train_x, train_y, val_x, val_y, classes)
+    l2 = 10.0 ** chosen["log10_l2"]
+    if refit_on_val:
+        train_x, train_y = torch.cat([train_x, val_x]), torch.cat([train_y, val_y])
+    weight, bias, evaluations = probe.fit(train_x, train_y, l2, classes)
+    weight, bias = standardise.fold(weight, bias)
+    with torch.no_grad():
+        last.weight.copy_(weight)
+        last.bias.copy_(bias)
+    torch.save({"head": {k: v.cpu() for k, v in head.state_dict().items()}, "l2": l2}, outputs.TRAINED["feature_extraction"])
+    seconds = time.perf_counter() - started
+    live = loop.open_live(LIVE)
+    live.log_plot("l2_search", search, x="log10_l2", y="val_accuracy", template="linear",
+                  title="Linear probe: validation accuracy per L2 strength", x_label="log10 of the L2 strength",
+                  y_label="validation accuracy")
+    live.summary.update({"time_s": round(seconds, 2), "images_per_s": round(len(train_y) / seconds, 1),
+                         "train_images": len(labels["train"]),
+                         "trainable_params": last.weight.numel() + last.bias.numel(), "world_size": 1,
+                         "best_val_accuracy": chosen["val_accuracy"], "probe_l2": l2})
+    live.end()
+    outputs.empty_curves(LIVE)  # no epochs: the per-epoch curves that dvc.yaml declares stay empty
+    print(f"linear probe: L2 strength {l2:.3g} (val accuracy {chosen['val_accuracy']:.4f}, {len(search)} fits), "
+          f"refitted on train{' + val' if refit_on_val else ''} in {evaluations} evaluations; {seconds:.1f} s")
+
+
+@torch.no_grad()
+def probe_inputs(frozen: nn.Module, features: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """float32 inputs of the last Linear: the frozen rest of the head (FC6, FC7) in eval mode, on the device."""
+    frozen.eval()
+    return torch.cat([frozen(x) for x, _count in loop.feature_inputs(features, device)])
+
+
+def load_features(path: Path, device: torch.device) -> torch.Tensor:
+    """fp16 features, whole, on the device; in (pinned) host memory when they don't fit there."""
+    features = torch.from_numpy(np.load(path))
+    if inputs.fits_on(device, features.nbytes):
+        return features.to(device)
+    print(f"{path} does not fit in {device} memory: streaming its batches from host memory")
+    return features.pin_memory()
+
+
+def feature_batches(features, flipped, labels, batch_size, generator):
+    """Shuffled batches; each sample is the flipped image's features with probability 1/2."""
+    order = torch.randperm(len(labels), generator=generator, device=labels.device)
+    for index in order.split(batch_size):
+        rows = index.to(features.device)
+        x = features[rows].to(labels.device, non_blocking=True)
+        if flipped is not None:
+            use_flipped = torch.rand(len(index), generator=generator, device=labels.device) < 0.5
+            x = torch.where(use_flipped[:, None], flipped[rows].to(labels.device, non_blocking=True), x)
+        yield x.float(), labels[index]
+
