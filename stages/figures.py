@@ -53,6 +53,5 @@ def prediction_grid(images: np.ndarray, labels: np.ndarray, predicted: np.ndarra
 def save(fig, path: Path) -> None:
     """The figure as a PNG at `path`, then closed."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110, bbox_inches="tight")  # a legend beside the axes stays in
+    fig.savefig(path, dpi=110, bbox_inches="tight")  # the whole drawing, a legend beside the axes included
     plt.close(fig)
