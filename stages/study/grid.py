@@ -16,9 +16,10 @@ seed and a hash of its params and commit (the same on every machine): the protoc
 which win, then the cell's model, strategy and seed. A scratch cell fine-tunes from random
 weights (weights: none, whatever -S weights says). `-S key=a,b,c` (or `range(...)`, Hydra's
 sweep syntax, as `dvc exp run -S` takes it) multiplies the cells of each strategy whose stages
-read that key (dvc.yaml's params), and every value is validated before anything is queued. DVC runs each in its own temporary copy of the repository, sharing the cache
-and run-cache. One queue worker per GPU (`dvc queue start`, started with CUDA_VISIBLE_DEVICES
-set to its GPU, or to its group of GPUs for a fine-tune under torchrun) runs its experiments one
+read that key (dvc.yaml's params), and every cell is validated before anything is queued.
+DVC runs each in its own temporary copy of the repository, sharing the cache and run-cache. One
+queue worker per GPU (`dvc queue start`, started with CUDA_VISIBLE_DEVICES set to its GPU, or to
+its group of GPUs for a fine-tune under torchrun) runs its experiments one
 after another, so no two share a GPU and the GPU never becomes a param; with no GPU, one worker.
 A cell whose params (the workspace's params.yaml with the cell's overrides) already have a
 successful experiment is not run again; one still queued or running is waited for. Every state
@@ -41,8 +42,8 @@ from pathlib import Path
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import OverrideType
 from hydra.errors import HydraException
-import yaml
 from tqdm import tqdm
+import yaml
 
 from stages import check_inputs, params
 from stages.errors import UserError
@@ -54,7 +55,8 @@ STRATEGIES = ("feature_extraction", "finetune", "scratch")  # scratch: fine-tuni
 DEFAULT_STRATEGIES = ("feature_extraction", "finetune")  # the published study's two
 GRID_KEYS = ("model", "strategy", "seed")  # set by --models, --strategies and --seeds
 STAGES_OF = {"feature_extraction": ("prepare-data", "cache-features", "train-heads", "evaluate"),
-             "finetune": ("prepare-data", "finetune", "evaluate"), "scratch": ("prepare-data", "finetune", "evaluate")}
+             "finetune": ("prepare-data", "finetune", "evaluate")}  # the stages whose params a cell's key can be
+STAGES_OF["scratch"] = STAGES_OF["finetune"]
 NOT_SWEPT_FOR = {"scratch": ("weights",)}  # scratch cells keep weights: none
 PATH_KEYS = ("data.root", "weights")
 POLL_SECONDS = 5
@@ -130,7 +132,7 @@ def parse_overrides(pairs: list[str]) -> dict[str, list]:
             values = list(override.sweep_iterator()) if override.is_sweep_override() else [override.value()]
         except HydraException as error:
             raise UserError(f"-S {pair}: not key=value nor key=a,b,c ({str(error).splitlines()[0]})") from None
-        if "=" not in pair or override.type not in (OverrideType.CHANGE,) or override.package is not None:
+        if "=" not in pair or override.type != OverrideType.CHANGE or override.package is not None:
             raise UserError(f"-S {pair}: must be key=value, e.g. -S data.image_size=96")
         if key in GRID_KEYS:
             raise UserError(f"-S {pair}: {key} is set by --{key}s")

@@ -25,8 +25,7 @@ def overrides(name: str, scratch: bool = False) -> dict:
 
 def is_scratch(params: dict) -> bool:
     """Fine-tuning from random weights: the study's scratch strategy (params nested or flat)."""
-    strategy = params.get("strategy")
-    return strategy == "finetune" and params.get("weights") == "none"
+    return params.get("strategy") == "finetune" and params.get("weights") == "none"
 
 
 def strategy_of(params: dict) -> str:
