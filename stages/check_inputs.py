@@ -69,7 +69,8 @@ def check_train_per_class(data: params.DataParams) -> None:
         sizes = {f"class_{c}": data.synthetic.train_per_class for c in range(data.synthetic.classes)}
     else:
         sizes = {"each class": CIFAR_TRAIN_PER_CLASS[data.source]}
-    carved = data.val_fraction if not (data.source == "imagefolder" and Path(data.root, "val").is_dir()) else 0
+    has_own_val = data.source == "imagefolder" and Path(data.root, "val").is_dir()
+    carved = 0 if has_own_val else data.val_fraction
     name, count = min(sizes.items(), key=lambda item: item[1])
     capped = min(count, data.limit_per_class or count)
     left = capped - round(carved * capped)

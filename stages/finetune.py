@@ -8,7 +8,9 @@
     python -m stages.finetune --join     # on each other node: same commit, params.yaml and data/prepared
 
 finetune.unfreeze: all trains every layer, as the study's notebook did; N trains the last N
-blocks. The unfrozen blocks learn at finetune.backbone_lr, the classifier at finetune.lr.
+blocks. data.train_per_class draws that many training images of each class (data.train_subset:
+nested across sizes, seeded by seed). An epoch is a pass over them, or finetune.min_steps /
+finetune.epochs steps if that is more (passes, each shuffled anew). The unfrozen blocks learn at finetune.backbone_lr, the classifier at finetune.lr.
 Images are flipped and cropped on the device at their stored size (if asked), then resized.
 A checkpoint at the end of an epoch, at most one per finetune.checkpoint_interval_s, in
 .checkpoints/finetune/<fingerprint>/ (outside DVC's outputs, so that the stage stays in the

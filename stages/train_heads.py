@@ -7,8 +7,10 @@ trains only that Linear, as the study's notebook did: FC6 and FC7 of AlexNet and
 their ImageNet values, and their Dropout stays active in training. `classifier` trains all of
 it. Flipped-image features (features.flip) stand in for augmentation. train_heads.solver: lbfgs
 fits the last Linear as a linear probe instead (stages/probe.py): logistic regression to
-convergence, its L2 strength chosen on the validation split, then refitted on train + val;
-the standardisation of the features is folded into the saved Linear. Writes
+convergence, its L2 strength chosen on the validation split, then refitted on train + val (on
+train alone with data.train_per_class, where val only chooses); the standardisation of the
+features is folded into the saved Linear. data.train_per_class draws that many training images
+of each class (data.train_subset: nested across sizes, seeded by seed). Writes
 models/train_heads/model.pt (the best epoch by val accuracy, the last one without a
 validation split, or the probe) and DVCLive's record to live/train_heads/.
 """
