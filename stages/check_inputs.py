@@ -15,17 +15,19 @@ every time (always_changed), but its outputs change only when the inputs do. Dow
 import hashlib
 import json
 import os
+import tempfile
 from importlib.metadata import version
 from pathlib import Path
 from typing import Iterator
 
+from configobj import ConfigObj  # DVC's own config reader
 from tqdm import tqdm
 
 from stages import outputs, params
 from stages.errors import run_stage
 
-KNOWN_MODELS = Path(".dvc/tmp/known_models.json")  # model names and image sizes already checked, per registry version
-FILE_HASHES = Path(".dvc/tmp/file_hashes.json")  # {the last image folder hashed: {file: "inode:size:mtime_ns:sha256"}}
+KNOWN_MODELS = "known_models.json"  # model names and image sizes already checked, per registry version
+FILE_HASHES = "file_hashes.json"  # {the last image folder hashed: {file: "inode:size:mtime_ns:sha256"}}
 
 
 CIFAR_TRAIN_PER_CLASS = {"cifar10": 5000, "cifar100": 500}
@@ -44,7 +46,7 @@ def check_model(name: str, image_size: int) -> None:
     its body takes images of `image_size` (built on the meta device: seconds too), each once per
     registry version: what passed is remembered in KNOWN_MODELS."""
     registries = f"torchvision {version('torchvision')}, timm {version('timm')}"
-    known = outputs.read_json(KNOWN_MODELS) if KNOWN_MODELS.exists() else {}
+    known = recalled(KNOWN_MODELS)
     sizes = known.get(registries) if isinstance(known.get(registries), dict) else {}
     if image_size in sizes.get(name, []):
         return
@@ -52,8 +54,7 @@ def check_model(name: str, image_size: int) -> None:
         params.check_model_name(name)
     from stages import backbones  # torch, only when a model or size is new
     backbones.check_image_size(name, image_size)
-    if KNOWN_MODELS.parent.parent.is_dir():
-        outputs.write_json(KNOWN_MODELS, {registries: {**sizes, name: sorted({*sizes.get(name, []), image_size})}})
+    remember(KNOWN_MODELS, {registries: {**sizes, name: sorted({*sizes.get(name, []), image_size})}})
 
 
 def check_train_per_class(data: params.DataParams) -> None:
@@ -116,19 +117,51 @@ def folder_sha256(root: Path) -> str:
     for name, path in tqdm(unread, desc=f"hash {root}", unit="file", mininterval=2, disable=len(unread) < 5000):
         with open(path, "rb") as file:
             hashes[name] += hashlib.file_digest(file, "sha256").hexdigest()
-    if (unread or hashes.keys() != remembered.keys()) and FILE_HASHES.parent.parent.is_dir():
-        with outputs.replaced(FILE_HASHES) as partial:  # one line: 60,000 entries load in 0.05 s
-            partial.write_text(json.dumps({folder: hashes}))
+    if unread or hashes.keys() != remembered.keys():
+        remember(FILE_HASHES, {folder: hashes})  # one line: 60,000 entries load in 0.05 s
     return hashlib.sha256("".join(f"{name}\0{known[-64:]}\n" for name, known in hashes.items()).encode()).hexdigest()
 
 
 def remembered_hashes(folder: str) -> dict:
-    """FILE_HASHES' entries for `folder`; none when the file is missing or unreadable (it is a cache)."""
-    try:
-        remembered = json.loads(FILE_HASHES.read_text()).get(folder, {})
-    except (OSError, ValueError, AttributeError):
-        return {}
+    """FILE_HASHES' entries for `folder`."""
+    remembered = recalled(FILE_HASHES).get(folder)
     return remembered if isinstance(remembered, dict) else {}
+
+
+def memory_file(name: str) -> Path | None:
+    """Where check-inputs remembers what it checked and hashed: the workspace's .dvc/tmp/ (None
+    outside a DVC repository). `dvc exp run --queue` and `--temp` run each experiment in a copy
+    whose .dvc/tmp/ is new and whose .dvc/config.local points cache.dir at the workspace's
+    .dvc/cache: there the workspace's .dvc/tmp/ serves, so that no study cell checks the model or
+    hashes the image folder again."""
+    if not Path(".dvc").is_dir():
+        return None
+    local = Path(".dvc/config.local")
+    cache = Path(ConfigObj(str(local)).get("cache", {}).get("dir", "")) if local.exists() else Path()
+    shared = cache.is_absolute() and cache.name == "cache" and cache.parent.name == ".dvc"
+    return (cache.parent if shared else Path(".dvc")) / "tmp" / name
+
+
+def recalled(name: str) -> dict:
+    """What memory_file(name) holds; nothing when it is missing or unreadable (it is a cache)."""
+    path = memory_file(name)
+    try:
+        content = json.loads(path.read_text()) if path else {}
+    except (OSError, ValueError):
+        return {}
+    return content if isinstance(content, dict) else {}
+
+
+def remember(name: str, content: dict) -> None:
+    """memory_file(name) replaced at once; through a file of this process's own, since the queue's
+    workers may write it at the same time."""
+    path = memory_file(name)
+    if path is None:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=name, delete=False) as file:
+        file.write(json.dumps(content))
+    os.replace(file.name, path)
 
 
 def files_under(folder: Path, prefix: str) -> Iterator[tuple[str, os.DirEntry]]:

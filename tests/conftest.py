@@ -79,14 +79,14 @@ def known_models(tmp_path_factory) -> Path:
     """check-inputs' record that the tests' model takes the tests' image size: checked once per
     session (the model registries' imports take seconds), then given to every DVC project."""
     folder = tmp_path_factory.mktemp("known_models")
-    (folder / check_inputs.KNOWN_MODELS).parent.mkdir(parents=True)
+    (folder / ".dvc/tmp").mkdir(parents=True)
     here = os.getcwd()
     os.chdir(folder)
     try:
         check_inputs.check_model(FAST["model"], FAST["data.image_size"])
     finally:
         os.chdir(here)
-    return folder / check_inputs.KNOWN_MODELS
+    return folder / ".dvc/tmp" / check_inputs.KNOWN_MODELS
 
 
 @pytest.fixture
@@ -97,8 +97,8 @@ def dvc_project(project, known_models):
     run("git", "config", "user.email", "test@example.com")
     run("git", "config", "user.name", "test")
     run("dvc", "init", "-q")
-    (project / check_inputs.KNOWN_MODELS).parent.mkdir(exist_ok=True)
-    shutil.copy(known_models, project / check_inputs.KNOWN_MODELS)
+    (project / ".dvc/tmp").mkdir(exist_ok=True)
+    shutil.copy(known_models, project / ".dvc/tmp" / check_inputs.KNOWN_MODELS)
     shutil.copy(REPO / ".dvc/config", project / ".dvc/config")  # hardlinked cache, no analytics
     run("git", "add", "-A")
     run("git", "commit", "-qm", "project")

@@ -1,4 +1,5 @@
 import hashlib
+import json
 import os
 import pickle
 import tempfile
@@ -283,3 +284,17 @@ def test_an_image_folders_hash_reads_only_the_files_whose_size_or_time_changed(p
     added = check_inputs.folder_sha256(project / "images")
     (project / "images/train/cat/new.png").unlink()
     assert len({first, touched, added}) == 3 and check_inputs.folder_sha256(project / "images") == touched
+
+
+def test_a_temporary_copy_of_dvcs_queue_remembers_in_the_workspaces_dvc_tmp(project, tmp_path):
+    workspace = tmp_path / "workspace"
+    (workspace / ".dvc/tmp").mkdir(parents=True)
+    (project / ".dvc").mkdir()
+    assert check_inputs.memory_file("x.json") == Path(".dvc/tmp/x.json")  # the workspace itself
+    # What DVC writes into the copy that runs a queued experiment
+    (project / ".dvc/config.local").write_text(f"[cache]\n    dir = {workspace / '.dvc/cache'}\n")
+    check_inputs.remember("x.json", {"checked": [1]})
+    assert json.loads((workspace / ".dvc/tmp/x.json").read_text()) == {"checked": [1]}
+    assert check_inputs.recalled("x.json") == {"checked": [1]} and not Path(".dvc/tmp/x.json").exists()
+    (project / ".dvc/config.local").write_text("[cache]\n    dir = /shared/dvc-cache\n")  # a user's shared cache
+    assert check_inputs.memory_file("x.json") == Path(".dvc/tmp/x.json")
