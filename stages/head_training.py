@@ -22,12 +22,14 @@ def train(p: params.Params) -> None:
     backbones.set_head_trainable(network, cfg.trainable)
     head = network.head.to(device)
     train_labels = data.open_split(outputs.PREPARED, "train")[1]
-    subset = torch.from_numpy(data.train_subset(train_labels, p.data.train_per_class, p.seed, names))
     features = {name: load_features(outputs.FEATURES / f"{name}.npy", device)
                 for name in ("train", "train_flip", "val") if (outputs.FEATURES / f"{name}.npy").exists()}
-    features.update({name: features[name][subset.to(features[name].device)]
-                     for name in ("train", "train_flip") if name in features})
-    labels = {"train": inputs.to_device(train_labels[subset.numpy()], device),
+    if p.data.train_per_class is not None:  # else every row, without a copy of the features
+        subset = data.train_subset(train_labels, p.data.train_per_class, p.seed, names)
+        train_labels = train_labels[subset]
+        features.update({name: features[name][torch.from_numpy(subset).to(features[name].device)]
+                         for name in ("train", "train_flip") if name in features})
+    labels = {"train": inputs.to_device(train_labels, device),
               "val": inputs.to_device(data.open_split(outputs.PREPARED, "val")[1], device)}
     if cfg.solver == "lbfgs":
         # With a subset, val is only for choosing: training on it would add its images to every size
