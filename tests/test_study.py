@@ -353,6 +353,22 @@ def test_a_failed_read_of_dvcs_state_is_asked_again_and_only_a_sustained_failure
     assert waits[1:] == [1.0, 2.0, 4.0, 8.0, 15.0, 15.0, 15.0]
 
 
+def test_a_queue_message_half_written_by_a_killed_process_is_removed_and_dvc_asked_again(dvc_project, capsys):
+    broker = dvc_project / experiments.QUEUE_MESSAGES
+    (broker / "in").mkdir(parents=True)
+    (broker / "processed").mkdir()
+    cut = broker / "in" / "1_a.reply.celery.pidbox.msg"
+    cut.write_text('{"body": "eyJ')  # a SIGKILL mid-write: DVC fails every read with "unexpected error"
+    whole = broker / "processed" / "2_b.reply.celery.pidbox.msg"
+    whole.write_text(json.dumps({"body": "e30=", "content-encoding": "utf-8", "content-type": "application/json",
+                                 "headers": {}, "properties": {"delivery_tag": "b", "body_encoding": "base64",
+                                                               "delivery_info": {"routing_key": "x"}}}))
+    assert run("dvc", "exp", "show", "--json", check=False).returncode == 255
+    assert experiments.exp_show()[0]["rev"] == "workspace"
+    assert not cut.exists() and whole.exists()
+    assert "removed 1 DVC queue message(s)" in capsys.readouterr().err
+
+
 def shown_experiments() -> list[dict]:
     return json.loads(run("dvc", "exp", "show", "--json").stdout)[1]["experiments"] or []
 

@@ -5,7 +5,9 @@ A record is one experiment: its name, state (queued, running, failed or success)
 error line of the log that DVC names. The study (grid.py) waits on the states; the report
 (report.py) tables the params and metrics.
 """
+import fcntl
 import json
+import sys
 import subprocess
 import tempfile
 import time
@@ -18,6 +20,7 @@ PREFERENCE = ("success", "running", "queued", "failed")
 EXP_SHOW_TIMEOUT_S = 60  # it takes seconds, a few tens under load
 EXP_SHOW_TRIES = 3  # hangs in a row before giving up
 EXP_SHOW_FAILING_S = 60  # a failing read (a queue worker removing its folder meanwhile) is asked again this long
+QUEUE_MESSAGES = Path(".dvc/tmp/exps/celery/broker")  # the DVC queue's celery messages, a file each
 NOT_RUN = "not run: "  # starts the error of a run that never started: queued, running, lost before its start
 
 
@@ -43,16 +46,23 @@ def dvc_output(*args: str, env: dict | None = None, timeout: float | None = None
         out.seek(0)
         err.seek(0)
         if code != 0:
-            last = (err.read().strip().splitlines() or ["no output"])[-1]
-            raise DvcFailed(f"error: `dvc {' '.join(args)}` failed with exit code {code}: {last}")
+            said = err.read()
+            raise DvcFailed(f"error: `dvc {' '.join(args)}` failed with exit code {code}: {last_error(said)}")
         return out.read(), err.read()
+
+
+def last_error(stderr: str) -> str:
+    """DVC's last ERROR line (its closing lines invite to a chat), else its last line."""
+    lines = stderr.strip().splitlines() or ["no output"]
+    return ([line.strip() for line in lines if line.startswith("ERROR")] or lines)[-1]
 
 
 def exp_show(all_commits: bool = False) -> list[dict]:
     """`dvc exp show --json`, asked again when it hangs (reading an experiment that finishes
     meanwhile can block it for good: pygit2's blob reader waits on a thread that has died) or
     fails (observed: "failed to show experiments - directory '.dvc/tmp/exps/...'" while a queue
-    worker cleaned up), after 1, 2, 4, ... s, until it has failed for EXP_SHOW_FAILING_S."""
+    worker cleaned up; a queue message half written by a killed process fails every read, so it
+    is removed), after 1, 2, 4, ... s, until it has failed for EXP_SHOW_FAILING_S."""
     hangs, failing_s, wait = 0, 0.0, 1.0
     while True:
         try:
@@ -64,10 +74,36 @@ def exp_show(all_commits: bool = False) -> list[dict]:
                 raise SystemExit(f"error: `dvc exp show --json` did not finish in {EXP_SHOW_TIMEOUT_S} s, "
                                  f"{EXP_SHOW_TRIES} times over") from None
         except DvcFailed as failure:
+            if remove_half_written_messages():
+                continue
             if failing_s >= EXP_SHOW_FAILING_S:
                 raise SystemExit(f"{failure} (still, after {failing_s:.0f} s of asking again)") from None
             time.sleep(wait)
             failing_s, wait = failing_s + wait, min(2 * wait, 15.0)
+
+
+def remove_half_written_messages(folder: Path = QUEUE_MESSAGES) -> int:
+    """Removes the queue's message files that are not JSON, and says how many. Celery writes each
+    under an exclusive lock, and DVC reads all of them (replies included) on every `exp show`, so
+    one that a SIGKILL cut short fails every read for good ("unexpected error - Unterminated
+    string"). Under a shared lock, a file still being written is waited for, never removed."""
+    removed = []
+    for path in [*folder.glob("in/*.msg"), *folder.glob("processed/*.msg")]:
+        try:
+            with open(path, "rb") as file:
+                fcntl.flock(file, fcntl.LOCK_SH)
+                text = file.read()
+            if text:  # DVC skips an empty one
+                json.loads(text)
+        except FileNotFoundError:  # consumed meanwhile
+            continue
+        except ValueError:
+            path.unlink(missing_ok=True)
+            removed.append(path.name)
+    if removed:
+        print(f"warning: removed {len(removed)} DVC queue message(s) that a killed process left half written "
+              f"({removed[0]})", file=sys.stderr, flush=True)
+    return len(removed)
 
 
 def workspace_params(shown: list[dict]) -> dict:
