@@ -18,7 +18,7 @@ from types import SimpleNamespace
 
 import torch
 
-from stages import backbones, device as devices, inputs
+from stages import backbones, devices, inputs
 from stages.cache_features import feature_dim, prepare_body, write_features
 
 

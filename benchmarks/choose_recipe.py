@@ -26,6 +26,7 @@ import yaml
 
 from stages import outputs
 from stages.study import protocols
+from stages.study.experiments import nest
 
 REPO = Path(__file__).resolve().parents[1]
 FINETUNE_CANDIDATES = {  # on top of protocols.yaml's `best`
@@ -45,16 +46,6 @@ PROBE_CANDIDATES = {  # on top of `best`; fc6 and body only for AlexNet and VGG1
     "fc6": {"train_heads.probe_layer": "fc6"},
     "body": {"train_heads.probe_layer": "body"},
 }
-
-
-def set_dotted(params: dict, changes: dict) -> dict:
-    for key, value in changes.items():
-        *parents, last = key.split(".")
-        section = params
-        for name in parents:
-            section = section[name]
-        section[last] = value
-    return params
 
 
 def stage(folder: Path, name: str) -> None:
@@ -93,16 +84,16 @@ def main():
     candidates = FINETUNE_CANDIDATES if args.strategy == "finetune" else PROBE_CANDIDATES
     chosen = args.only.split(",") if args.only else list(candidates)
     base = yaml.safe_load((REPO / "params.yaml").read_text())
-    set_dotted(base, protocols.overrides("best"))
-    set_dotted(base, {"model": args.model, "data.image_size": args.image_size,
-                      "weights": str(Path(args.weights).resolve()) if Path(args.weights).is_file() else args.weights,
-                      "data.source": "imagefolder" if args.root else "cifar10",
-                      "data.root": str(Path(args.root or "data/raw").resolve()),
-                      "strategy": "finetune" if args.strategy == "finetune" else "feature_extraction"})
+    nest(protocols.overrides("best"), into=base)
+    nest({"model": args.model, "data.image_size": args.image_size,
+          "weights": str(Path(args.weights).resolve()) if Path(args.weights).is_file() else args.weights,
+          "data.source": "imagefolder" if args.root else "cifar10",
+          "data.root": str(Path(args.root or "data/raw").resolve()),
+          "strategy": "finetune" if args.strategy == "finetune" else "feature_extraction"}, into=base)
     rows, prepared = [], None
     with tempfile.TemporaryDirectory() as scratch:
         for name in chosen:
-            params = set_dotted(json.loads(json.dumps(base)), candidates[name])
+            params = nest(candidates[name], into=json.loads(json.dumps(base)))
             params["_name"] = name
             result = run_candidate(Path(scratch), prepared, params, args.strategy)
             prepared = prepared or result["folder"] / outputs.PREPARED

@@ -12,7 +12,7 @@ them, on the N images:
     cache-features  inputs.image_inputs + cache_features.write_features: host uint8 -> fp16 .npy
     train-heads     loop.fit on head_training.feature_batches of fp16 features on the device
     finetune        loop.fit on finetune's batches (augment, model_input), checkpoints as params.yaml sets them
-    evaluate        inputs.image_inputs + loop.predict: host uint8 -> logits on the host
+    evaluate        inputs.image_inputs + inference.predict: host uint8 -> logits on the host
 
 The training stages run 2 epochs per timed run, so that what loop.fit does between epochs (state
 copies, logs, and checkpoints when finetune.checkpoint_interval_s has passed) counts as it does in
@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from stages import backbones, device as devices, finetuning, inputs, loop, params
+from stages import backbones, devices, finetuning, head_training, inference, inputs, loop, params
 from stages.checkpoints import Checkpoints
 from stages.cache_features import feature_dim, prepare_body, write_features
 from stages.head_training import feature_batches, load_features
@@ -133,7 +133,7 @@ def cache_features_runs(network, images, labels, p, s):
 
 def train_heads_runs(network, images, labels, p, s):
     cfg = replace(p.train_heads, epochs=TIMED_EPOCHS, batch_size=batch_of(s, p.train_heads.batch_size))
-    backbones.set_head_trainable(network, cfg.trainable)
+    head_training.set_head_trainable(network, cfg.trainable)
     head = network.head.to(s.device)
     dim = next(m for m in head.modules() if isinstance(m, nn.Linear)).in_features
     features = torch.rand(len(images), dim, device=s.device).half()  # what load_features puts on the device
@@ -153,7 +153,7 @@ def train_heads_runs(network, images, labels, p, s):
 
 def finetune_runs(network, images, labels, p, s):
     cfg = replace(p.finetune, epochs=TIMED_EPOCHS, batch_size=batch_of(s, p.finetune.batch_size))
-    backbones.set_trainable(network, cfg.unfreeze)
+    finetuning.set_trainable(network, cfg.unfreeze)
     model = devices.place(network.model, s.device)
     groups = finetuning.parameter_groups(network, cfg)
     fast_model = devices.maybe_compile(model, s.compile)
@@ -182,7 +182,7 @@ def evaluate_runs(network, images, labels, p, s):
 
     def ours():
         batches = inputs.image_inputs(images, network.preprocess, s.image_size, s.crop_pct, batch, s.device)
-        loop.predict(model, batches, s.device)
+        inference.predict(model, batches, s.device)
 
     return Runs(ours, lambda: bare_forward(model.eval(), ready, math.ceil(len(images) / batch), s.device), 1)
 
@@ -202,7 +202,7 @@ def bare_forward(module, ready, steps, device) -> None:
 
 def bare_training(model, groups, cfg, ready, steps, device) -> None:
     model.train()
-    backbones.keep_frozen_norms_in_eval(model)
+    loop.keep_frozen_norms_in_eval(model)
     optimizer = loop.make_optimizer(cfg, groups)
     for step in range(steps):
         x, y = ready[step % len(ready)]
@@ -267,14 +267,14 @@ def naive_feature_extraction(network, images, labels, p, s: Setup, epochs: int) 
     batches = torch.utils.data.DataLoader(PILImages(images, labels, transform), batch_size=cfg.batch_size,
                                           shuffle=True, num_workers=NAIVE_WORKERS if on_gpu else 0)
     network.body.requires_grad_(False)
-    backbones.set_head_trainable(network, "last")
+    head_training.set_head_trainable(network, "last")
     model = devices.place(network.model, s.device)
     started = time.perf_counter()
     optimizer = loop.make_optimizer(cfg, [{"params": [t for t in model.parameters() if t.requires_grad],
                                            "lr": cfg.lr}])
     for _ in range(epochs):
         model.train()
-        backbones.keep_frozen_norms_in_eval(model)
+        loop.keep_frozen_norms_in_eval(model)
         for x, y in batches:
             x, y = x.to(s.device), y.to(s.device)
             with devices.autocast(s.device):
@@ -298,7 +298,7 @@ def our_feature_extraction(network, images, labels, p, s: Setup, epochs: int) ->
     batches = inputs.image_inputs(images, network.preprocess, s.image_size, s.crop_pct, batch, s.device)
     write_features(body, batches, len(images), batch, dim, path, s.device, "cache")
     features, targets = load_features(path, s.device), labels.to(s.device)
-    backbones.set_head_trainable(network, "last")
+    head_training.set_head_trainable(network, "last")
     head = network.head.to(s.device)
     groups = [{"params": [t for t in head.parameters() if t.requires_grad], "lr": cfg.lr}]
     loop.fit(loop.Training(head, groups, lambda generator: feature_batches(

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from stages import backbones, data, device as devices, inputs, outputs, params
+from stages import backbones, data, devices, inputs, outputs, params
 from stages.errors import UserError, run_stage
 
 IN_FLIGHT = 3  # batches whose copy to the host and disk write may still be running

@@ -11,47 +11,42 @@ time plus training's, each recorded by its own stage), plots/data/ for `dvc plot
 accuracy too), and PNGs.
 """
 
+import os
+
 import numpy as np
 import torch
 
-from stages import backbones, data, device as devices, figures, inputs, loop, outputs, params
+from stages import backbones, data, devices, figures, inference, inputs, outputs, params, trained
 from stages.errors import UserError, run_stage
 
-TRAINED_PART = {"feature_extraction": "head", "finetune": "model"}  # what each training stage's model.pt holds
 GRID_IMAGES = 32  # test images in the predictions figure
 MIN_AGREEMENT = 0.95  # a stale cache agrees far less; bf16 on the GPU flips a few near-ties
 
 
 def main():
     p = params.load()
-    model_file, live_dir = outputs.TRAINED[p.strategy], outputs.LIVE[p.strategy]
-    state_key = TRAINED_PART[p.strategy]
-    outputs.require(outputs.PREPARED / "manifest.json", model_file, live_dir / "metrics.json", outputs.FEATURE_METRICS,
+    outputs.require(outputs.PREPARED / "manifest.json", outputs.TRAINED[p.strategy], trained.summary_file(p.strategy),
+                    outputs.FEATURE_METRICS,
                     *([outputs.FEATURES / "manifest.json"] if p.strategy == "feature_extraction" else []))
     device = devices.setup(p.device)
     classes = data.load_manifest(outputs.PREPARED)["classes"]
     images, labels = data.open_split(outputs.PREPARED, "test")
-    trained = backbones.load_tensors(model_file)
     probe_layer = p.train_heads.probe_layer if p.strategy == "feature_extraction" else "penultimate"
     network = backbones.build(p.model, p.weights, len(classes), p.data.image_size, probe_layer)
-    try:
-        (network.head if state_key == "head" else network.model).load_state_dict(trained[state_key])
-    except (KeyError, TypeError, RuntimeError) as error:
-        raise UserError(f"{model_file} does not hold this model's {state_key} ({error.__class__.__name__}): "
-                        f"rerun its stage with dvc repro -f") from None
+    trained.load_into(network, p.strategy)
     model = devices.maybe_compile(devices.place(network.model, device), p.compile)
 
-    logits = {flip: loop.predict(model, inputs.image_inputs(
+    logits = {flip: inference.predict(model, inputs.image_inputs(
                   images, network.preprocess, p.data.image_size, p.data.crop_pct,
                   p.evaluate.batch_size, device, flip=flip), device)
               for flip in ((False, True) if p.evaluate.flip else (False,))}
     averaged = sum(logits.values()) / len(logits)
-    loss, accuracy = loop.loss_and_accuracy(averaged, torch.from_numpy(labels))
+    loss, accuracy = inference.loss_and_accuracy(averaged, torch.from_numpy(labels))
     predicted = averaged.argmax(1).numpy()
     per_class = {c: float((predicted[labels == i] == i).mean()) for i, c in enumerate(classes)}
-    cost_parts = [outputs.read_json(path)["time_s"] for path in (outputs.FEATURE_METRICS, live_dir / "metrics.json")]
+    cost_parts = [outputs.read_json(outputs.FEATURE_METRICS)["time_s"], trained.time_s(p.strategy)]
     metrics = {"test": {"accuracy": accuracy, "loss": loss}, "total_time_s": round(sum(cost_parts), 2),
-               "run": {"device": devices.describe(device), "cuda_visible_devices": devices.visible_gpus()}}
+               "run": {"device": devices.describe(device), "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}}
     if p.strategy == "feature_extraction":
         metrics["cache_check"] = compare_with_cache(network.head, logits[False], device)
     outputs.write_json(outputs.METRICS, metrics)
@@ -62,7 +57,7 @@ def main():
 def compare_with_cache(head: torch.nn.Module, logits: torch.Tensor, device) -> dict:
     """Runs the head on the cached test features: the two paths must agree, or the cache is stale."""
     cached = torch.from_numpy(np.load(outputs.FEATURES / "test.npy"))
-    from_cache = loop.predict(head, loop.feature_inputs(cached, device), device)
+    from_cache = inference.predict(head, inference.feature_inputs(cached, device), device)
     agreement = (from_cache.argmax(1) == logits.argmax(1)).float().mean().item()
     if agreement < MIN_AGREEMENT:
         raise UserError(f"the head agrees with the full model on only {agreement:.1%} of test images, "

@@ -16,20 +16,16 @@ A checkpoint at the end of an epoch, at most one per finetune.checkpoint_interva
 .checkpoints/finetune/<fingerprint>/ (outside DVC's outputs, so that the stage stays in the
 run-cache), lets an interrupted run resume: rerun the stage and it goes on from the last
 checkpointed epoch; it is deleted when the stage completes.
-Under torchrun (DistributedDataParallel), every process holds all the uint8 images on its
-device and draws the same seeded global batches; each trains on its share of every batch, so
-the global batch stays finetune.batch_size. Only one process writes outputs and logs: local rank
-0 of the first node, the one DVC started. With several nodes, the processes first compare their
-params and data, and a node whose differ stops with one line; a run with several nodes starts
-over when interrupted (a joining node has no checkpoint), and a collective that waits past
-finetune.join_timeout_s, or a lost node, ends it with one line.
+Under torchrun (finetune.processes, finetune.nodes: stages/torchrun.py), every process holds all
+the uint8 images on its device and draws the same seeded global batches; each trains on its
+share of every batch, so the global batch stays finetune.batch_size.
 Writes models/finetune/model.pt and DVCLive's record to live/finetune/.
 """
 import sys
 from pathlib import Path
 
-from stages import outputs, params
-from stages.errors import UserError, run_stage
+from stages import outputs, params, torchrun
+from stages.errors import UserError
 
 OUT, LIVE = outputs.MODELS["finetune"], outputs.LIVE["finetune"]
 CHECKPOINTS = Path(".checkpoints/finetune")
@@ -52,4 +48,4 @@ def main():
 
 
 if __name__ == "__main__":
-    run_stage(main)
+    torchrun.run_stage(main)

@@ -7,7 +7,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from stages import backbones, data, device as devices, inputs, loop, outputs, params, probe
+from stages import backbones, data, devices, inference, inputs, loop, outputs, params, probe, trained
 from stages.train_heads import L2_SEARCH, LIVE, OUT
 
 
@@ -19,7 +19,7 @@ def train(p: params.Params) -> None:
     names = data.load_manifest(outputs.PREPARED)["classes"]
     classes = len(names)
     network = backbones.build(p.model, p.weights, classes, probe_layer=cfg.probe_layer)
-    backbones.set_head_trainable(network, cfg.trainable)
+    set_head_trainable(network, cfg.trainable)
     head = network.head.to(device)
     train_labels = data.open_split(outputs.PREPARED, "train")[1]
     features = {name: load_features(outputs.FEATURES / f"{name}.npy", device)
@@ -41,15 +41,26 @@ def train(p: params.Params) -> None:
                                generator)
 
     def validate():
-        batches = loop.feature_inputs(features["val"], device)
-        return loop.loss_and_accuracy(loop.predict(head, batches, device), labels["val"])
+        batches = inference.feature_inputs(features["val"], device)
+        return inference.loss_and_accuracy(inference.predict(head, batches, device), labels["val"])
 
     trainable = [t for t in head.parameters() if t.requires_grad]
     training = loop.Training(head, [{"params": trainable, "lr": cfg.lr}], train_batches, len(labels["train"]),
                              validate if len(labels["val"]) else None)
     fitted = loop.fit(training, cfg, p.seed, device, LIVE)
-    loop.save_trained(outputs.TRAINED["feature_extraction"], fitted, "head")
+    trained.save("feature_extraction", fitted.state, epoch=fitted.epoch)
+    print(loop.chosen(fitted))
     outputs.write_json(L2_SEARCH, [])
+
+
+def set_head_trainable(network: backbones.Network, trainable: str) -> int:
+    """Feature extraction trains the head on cached features: `last`, only its final Linear (the
+    study's classifier[6]; FC6 and FC7 keep their ImageNet values), or the whole `classifier`.
+    Returns the number of trainable parameters."""
+    last = network.head[-1] if isinstance(network.head, nn.Sequential) else network.head
+    network.head.requires_grad_(trainable == "classifier")
+    last.requires_grad_(True)
+    return sum(p.numel() for p in network.head.parameters() if p.requires_grad)
 
 
 def fit_probe(head: nn.Module, features: dict, labels: dict, classes: int, refit_on_val: bool = True) -> None:
@@ -73,16 +84,15 @@ def fit_probe(head: nn.Module, features: dict, labels: dict, classes: int, refit
     with torch.no_grad():
         last.weight.copy_(weight)
         last.bias.copy_(bias)
-    torch.save({"head": {k: v.cpu() for k, v in head.state_dict().items()}, "l2": l2}, outputs.TRAINED["feature_extraction"])
+    trained.save("feature_extraction", head.state_dict(), l2=l2)
     seconds = time.perf_counter() - started
     live = loop.open_live(LIVE)
     live.log_plot("l2_search", search, x="log10_l2", y="val_accuracy", template="linear",
                   title="Linear probe: validation accuracy per L2 strength", x_label="log10 of the L2 strength",
                   y_label="validation accuracy")
-    live.summary.update({"time_s": round(seconds, 2), "images_per_s": round(len(train_y) / seconds, 1),
-                         "train_images": len(labels["train"]),
-                         "trainable_params": last.weight.numel() + last.bias.numel(), "world_size": 1,
-                         "best_val_accuracy": chosen["val_accuracy"], "probe_l2": l2})
+    live.summary.update(trained.summary(seconds, len(train_y), len(labels["train"]),
+                                        last.weight.numel() + last.bias.numel(),
+                                        best_val=chosen["val_accuracy"], l2=l2))
     live.end()
     outputs.empty_curves(LIVE)  # no epochs: the per-epoch curves that dvc.yaml declares stay empty
     print(f"linear probe: L2 strength {l2:.3g} (val accuracy {chosen['val_accuracy']:.4f}, {len(search)} fits), "
@@ -93,7 +103,7 @@ def fit_probe(head: nn.Module, features: dict, labels: dict, classes: int, refit
 def probe_inputs(frozen: nn.Module, features: torch.Tensor, device: torch.device) -> torch.Tensor:
     """float32 inputs of the last Linear: the frozen rest of the head (FC6, FC7) in eval mode, on the device."""
     frozen.eval()
-    return torch.cat([frozen(x) for x, _count in loop.feature_inputs(features, device)])
+    return torch.cat([frozen(x) for x, _count in inference.feature_inputs(features, device)])
 
 
 def load_features(path: Path, device: torch.device) -> torch.Tensor:

@@ -14,7 +14,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -22,10 +22,11 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from stages.backbones import keep_frozen_norms_in_eval
+from stages import trained
 from stages.checkpoints import Checkpoints, host_copy
-from stages.device import autocast, is_main_process
+from stages.devices import autocast
 from stages.params import TrainParams
+from stages.torchrun import is_writer
 
 Batches = Iterator[tuple[torch.Tensor, torch.Tensor]]
 Validate = Callable[[], tuple[float, float]]
@@ -37,7 +38,6 @@ class Fitted:
     epoch: int  # 1-based: the epoch that `state` comes from
     history: list[dict]  # one record per epoch: losses, accuracies, seconds
     train_time_s: float  # training epochs only, resumed runs included
-    images_per_s: float
 
 
 def make_optimizer(cfg: TrainParams, param_groups: list[dict]) -> torch.optim.Optimizer:
@@ -102,7 +102,7 @@ def fit(training: Training, cfg: TrainParams, seed: int, device: torch.device, l
             best_acc, best_epoch = record["val_accuracy"], epoch + 1
             best_state = host_copy(state_of.state_dict())
         log_epoch(live, record, best_epoch)
-        if checkpoints and is_main_process() and epoch + 1 < cfg.epochs and checkpoints.due(seconds):
+        if checkpoints and is_writer() and epoch + 1 < cfg.epochs and checkpoints.due(seconds):
             checkpoints.save(  # none after the last epoch: the stage saves the model
                 changing={"model": state_of.state_dict(), "optimizer": optimizer.state_dict()},
                 settled={"scheduler": scheduler.state_dict(), "history": list(history), "best_acc": best_acc,
@@ -112,25 +112,21 @@ def fit(training: Training, cfg: TrainParams, seed: int, device: torch.device, l
     if not validate:  # nothing trains after this: the tensors themselves, copied only off a GPU
         best_state = {k: v.detach().cpu() for k, v in state_of.state_dict().items()}
     train_time = sum(r["seconds"] for r in history)
-    fitted = Fitted(best_state, best_epoch, history, train_time, sum(r["images"] for r in history) / train_time)
-    live.summary.update({"time_s": round(train_time, 2), "images_per_s": round(fitted.images_per_s, 1),
-                         "train_images": n_train, "steps": steps_per_epoch * len(history),
-                         "trainable_params": sum(p.numel() for p in state_of.parameters() if p.requires_grad),
-                         "world_size": dist.get_world_size() if dist.is_initialized() else 1})
-    if validate:
-        live.summary["best_val_accuracy"] = best_acc
+    fitted = Fitted(best_state, best_epoch, history, train_time)
+    live.summary.update(trained.summary(
+        train_time, sum(r["images"] for r in history), n_train, steps=steps_per_epoch * len(history),
+        trainable_params=sum(p.numel() for p in state_of.parameters() if p.requires_grad),
+        world_size=dist.get_world_size() if dist.is_initialized() else 1, best_val=best_acc if validate else None))
     live.end()
     return fitted
 
 
-def save_trained(path: Path, fitted: Fitted, state_key: str) -> None:
-    """The chosen state under `state_key` (head or model) and its epoch; no timings, so that
-    identical runs write identical bytes. What training cost is in DVCLive's metrics.json."""
-    torch.save({state_key: fitted.state, "epoch": fitted.epoch}, path)
-    chosen = fitted.history[fitted.epoch - 1]
-    which = (f"best epoch {fitted.epoch}: val accuracy {chosen['val_accuracy']:.4f}" if "val_accuracy" in chosen
-             else f"last epoch {fitted.epoch}: train accuracy {chosen['train_accuracy']:.4f}")
-    print(f"{which}, {fitted.train_time_s:.1f} s of training")
+def chosen(fitted: Fitted) -> str:
+    """Which epoch's state is the result, and what training took."""
+    record = fitted.history[fitted.epoch - 1]
+    which = (f"best epoch {fitted.epoch}: val accuracy {record['val_accuracy']:.4f}" if "val_accuracy" in record
+             else f"last epoch {fitted.epoch}: train accuracy {record['train_accuracy']:.4f}")
+    return f"{which}, {fitted.train_time_s:.1f} s of training"
 
 
 def epoch_batches(training: Training, generator: torch.Generator, steps: int) -> Batches:
@@ -170,6 +166,14 @@ def train_one_epoch(model, optimizer, scheduler, batches: Batches, steps: int, d
     return loss_sum / seen, correct / seen, int(seen)
 
 
+def keep_frozen_norms_in_eval(model: nn.Module) -> None:
+    """BatchNorm layers whose weights are frozen keep their ImageNet running statistics."""
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and not any(
+                p.requires_grad for p in module.parameters(recurse=False)):
+            module.eval()
+
+
 def summed_across_processes(*values) -> list[float]:
     """The values added up over every torchrun process (as they are, with one process)."""
     totals = torch.stack([torch.as_tensor(v, dtype=torch.float64) for v in values])
@@ -182,7 +186,7 @@ def summed_across_processes(*values) -> list[float]:
 def open_live(folder: Path):
     """DVCLive's log in `folder`, on the process that writes. Elsewhere, and where DVCLive is not
     installed (a GPU machine with torch but no DVC, running the stages' functions), a Silent one."""
-    if not is_main_process() or importlib.util.find_spec("dvclive") is None:
+    if not is_writer() or importlib.util.find_spec("dvclive") is None:
         return Silent()
     from dvclive import Live
     return Live(str(folder), save_dvc_exp=False, dvcyaml=None, report=None)
@@ -195,31 +199,6 @@ class Silent:
 
     def __getattr__(self, name):
         return lambda *args, **kwargs: None
-
-
-FEATURE_BATCH = 4096  # cached feature vectors per forward of a head: it sets memory, not results
-
-
-def feature_inputs(features: torch.Tensor, device: torch.device) -> Iterator[tuple[torch.Tensor, int]]:
-    """(float32 inputs on the device, count) for fp16 features, in order, as predict takes them."""
-    return ((x.to(device).float(), len(x)) for x in features.split(FEATURE_BATCH))
-
-
-@torch.no_grad()
-def predict(model: nn.Module, inputs: Iterable[tuple[torch.Tensor, int]], device: torch.device) -> torch.Tensor:
-    """float32 logits on the CPU, in the order of the inputs; each batch keeps its first `count` rows.
-    They stay on the device until the end: one copy to the host, no synchronisation per batch."""
-    model.eval()
-    outputs = []
-    for x, count in inputs:
-        with autocast(device):
-            outputs.append(model(x)[:count].float())
-    return torch.cat(outputs).cpu()
-
-
-def loss_and_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
-    labels = labels.cpu()
-    return F.cross_entropy(logits, labels).item(), (logits.argmax(1) == labels).float().mean().item()
 
 
 def log_epoch(live, record: dict, best_epoch: int) -> None:

@@ -4,6 +4,7 @@ Every stage calls `load()` first, so a wrong key, type or value stops it with a 
 error before it touches an output; the check-inputs stage runs the same validation ahead of
 every other stage, so that `dvc repro` stops before DVC deletes any stage's outputs.
 `load()` is quick: it imports no model registry (check_inputs checks the model's name).
+What each setting means is said once, in params.yaml's comments; here are their types and limits.
 """
 import math
 import re
@@ -27,23 +28,23 @@ class ParamError(UserError):
 
 @dataclass(frozen=True)
 class SyntheticParams:
-    classes: int  # number of classes
-    train_per_class: int  # images per class in the source's train split
-    test_per_class: int  # images per class in the source's test split
+    classes: int
+    train_per_class: int
+    test_per_class: int
 
 
 @dataclass(frozen=True)
 class DataParams:
     source: Literal["cifar10", "cifar100", "imagefolder", "synthetic"]
-    root: str  # download folder, or the image folder's root
-    split_seed: int  # seeds the validation carve, the per-class cap and the synthetic images
-    image_size: int  # side of the images the backbone sees; resized on the device
-    crop_pct: float  # resize to image_size / crop_pct, then center-crop image_size
-    val_fraction: float  # share of each train class held out for validation; 0: none
-    limit_per_class: Union[int, None]  # cap per class and split, applied before the val carve
-    train_per_class: Union[int, None]  # training images per class, drawn by the training stages; null: all
-    stored_size: Union[int, None]  # side of the stored uint8 images; null: chosen by data.stored_side()
-    skip_unreadable: bool  # image folder: skip files PIL cannot read instead of failing
+    root: str
+    split_seed: int
+    image_size: int
+    crop_pct: float
+    val_fraction: float
+    limit_per_class: Union[int, None]
+    train_per_class: Union[int, None]
+    stored_size: Union[int, None]
+    skip_unreadable: bool
     synthetic: SyntheticParams
 
     def __post_init__(self):
@@ -77,8 +78,8 @@ class DataParams:
 
 @dataclass(frozen=True)
 class FeatureParams:
-    batch_size: int  # images per forward pass of the frozen body
-    flip: bool  # also cache the features of horizontally flipped train images
+    batch_size: int
+    flip: bool
 
     def __post_init__(self):
         _require(self.batch_size > 0, "features.batch_size", "must be positive", self.batch_size)
@@ -87,17 +88,17 @@ class FeatureParams:
 @dataclass(frozen=True)
 class TrainParams:
     optimizer: Literal["sgd", "adam", "adamw"]
-    lr: float  # for finetune: the classifier's
-    momentum: float  # SGD only
-    nesterov: bool  # SGD only
+    lr: float
+    momentum: float
+    nesterov: bool
     weight_decay: float
-    epochs: int  # passes over the training images, or rounds of min_steps / epochs steps if that is more
-    min_steps: int  # the fewest optimizer steps in all; 0: epochs alone set the length
+    epochs: int
+    min_steps: int
     batch_size: int
-    schedule: Literal["constant", "cosine"]  # per step, after the warm-up
-    warmup_epochs: int  # linear warm-up from 0
-    patience: Union[int, None]  # early stopping: epochs without a better val accuracy; null: never
-    label_smoothing: float  # of the training loss's targets (Szegedy et al. 2016); 0: none
+    schedule: Literal["constant", "cosine"]
+    warmup_epochs: int
+    patience: Union[int, None]
+    label_smoothing: float
 
     @property
     def section(self) -> str:
@@ -131,9 +132,9 @@ class TrainParams:
 
 @dataclass(frozen=True)
 class HeadParams(TrainParams):
-    trainable: Literal["last", "classifier"]  # the final Linear only, or the whole classifier
-    solver: Literal["minibatch", "lbfgs"]  # the epoch loop above, or logistic regression fitted to convergence
-    probe_layer: Literal["penultimate", "fc6", "body"]  # what the last Linear reads; fc6 and body: AlexNet, VGG
+    trainable: Literal["last", "classifier"]
+    solver: Literal["minibatch", "lbfgs"]
+    probe_layer: Literal["penultimate", "fc6", "body"]
 
     def __post_init__(self):
         super().__post_init__()
@@ -143,16 +144,16 @@ class HeadParams(TrainParams):
 
 @dataclass(frozen=True)
 class FinetuneParams(TrainParams):
-    unfreeze: Union[int, Literal["all"]]  # the last N blocks of the backbone are trained
-    backbone_lr: float  # the unfrozen blocks' learning rate
-    flip: bool  # random horizontal flips, on the device
-    crop_padding: int  # random crops after padding by this many pixels; 0 turns them off
-    processes: int  # above 1: data-parallel under torchrun, one GPU each (gloo on the CPU)
-    nodes: int  # machines, each running `processes` of them; the others join with `python -m stages.finetune --join`
-    rendezvous: str  # host:port of the first node, where torchrun's c10d rendezvous meets (nodes > 1)
-    join_timeout_s: float  # the first node gives up when the others have not all joined by then
-    drop_last: bool  # skip each epoch's last partial batch: one batch shape for cuDNN and torch.compile
-    checkpoint_interval_s: float  # seconds of training between checkpoints, taken at an epoch's end
+    unfreeze: Union[int, Literal["all"]]
+    backbone_lr: float
+    flip: bool
+    crop_padding: int
+    processes: int
+    nodes: int
+    rendezvous: str
+    join_timeout_s: float
+    drop_last: bool
+    checkpoint_interval_s: float
 
     def steps_per_pass(self, n_train: int) -> int:
         return n_train // self.batch_size if self.drop_last else super().steps_per_pass(n_train)
@@ -178,7 +179,7 @@ class FinetuneParams(TrainParams):
 @dataclass(frozen=True)
 class EvaluateParams:
     batch_size: int
-    flip: bool  # average the logits of each test image and its mirror image
+    flip: bool
 
     def __post_init__(self):
         _require(self.batch_size > 0, "evaluate.batch_size", "must be positive", self.batch_size)
@@ -186,12 +187,12 @@ class EvaluateParams:
 
 @dataclass(frozen=True)
 class Params:
-    seed: int  # seeds training only
-    model: str  # alexnet | vgg16 | any torchvision classification model | timm/<name>
-    weights: str  # imagenet | none | path to a state_dict file
+    seed: int
+    model: str
+    weights: str
     strategy: Literal["feature_extraction", "finetune"]
     device: Literal["auto", "cpu", "cuda"]
-    compile: bool  # torch.compile the frozen body and the fine-tuned model
+    compile: bool
     data: DataParams
     features: FeatureParams
     train_heads: HeadParams
@@ -220,10 +221,6 @@ class Params:
             for train in (self.train_heads, self.finetune):
                 _require(train.patience is None, f"{train.section}.patience",
                          "needs a validation split: set data.val_fraction above 0, or patience: null", train.patience)
-
-    @property
-    def training(self) -> TrainParams:
-        return self.train_heads if self.strategy == "feature_extraction" else self.finetune
 
 
 def load(path=PARAMS_FILE) -> Params:

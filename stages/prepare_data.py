@@ -7,14 +7,14 @@ time: memory does not grow with the data. The same params (data.split_seed among
 training seed is not) give byte-identical files.
 """
 
-from stages import data, outputs, params
+from stages import data, outputs, params, sources
 from stages.errors import run_stage
 
 
 def main():
     p = params.load()
     with outputs.replaced(outputs.PREPARED) as partial:
-        manifest = data.prepare(p.data, partial)
+        manifest = sources.prepare(p.data, partial)
     counts = ", ".join(f"{name} {manifest['splits'][name]['count']}" for name in data.SPLITS)
     print(f"prepared {p.data.source}: {counts} images in {len(manifest['classes'])} classes, "
           f"stored at {manifest['stored_size']['side']} px")

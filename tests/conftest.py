@@ -1,5 +1,11 @@
-"""Shared fixtures: a scratch copy of the project, params edits, and the ../shared check."""
+"""Shared fixtures and helpers: a scratch copy of the project, params edits, the ../shared check.
+
+Two tiers: a test that runs DVC (the dvc_project fixture) or the stages as processes is marked
+`dvc`; `python -m pytest -m "not dvc"` runs the library's tests alone, in about a minute.
+"""
 import os
+import pickle
+import re
 import shutil
 import subprocess
 import sys
@@ -10,6 +16,7 @@ import pytest
 import yaml
 
 from stages import check_inputs
+from stages.study.experiments import nest
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
@@ -28,15 +35,29 @@ LEARNS = {**FAST, "data.val_fraction": 0.1, "train_heads.optimizer": "adam", "tr
           "finetune.batch_size": 64, "finetune.epochs": 3}
 
 
+# The study's smallest grid cell: synthetic data, random weights, a few seconds a stage
+TINY = ["-S", "data.source=synthetic", "-S", "weights=none", "-S", "data.image_size=64", "-S", "train_heads.epochs=2",
+        "-S", "finetune.epochs=1", "-S", "data.synthetic.train_per_class=20", "-S", "data.synthetic.test_per_class=10"]
+CHANCE = 0.1  # accuracy of a guess among the synthetic source's 10 classes
+
+
+def ran_stages(output: str) -> list[str]:
+    return re.findall(r"Running stage '([\w-]+)'", output)
+
+
+def restored_stages(output: str) -> list[str]:
+    return re.findall(r"Stage '([\w-]+)' is cached - skipping run", output)
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if "dvc_project" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.dvc)
+
+
 def set_params(path: Path, changes: dict) -> None:
     """Writes dotted-key changes into a params.yaml."""
-    params = yaml.safe_load(path.read_text())
-    for key, value in changes.items():
-        *parents, last = key.split(".")
-        section = params
-        for name in parents:
-            section = section[name]
-        section[last] = value
+    params = nest(changes, into=yaml.safe_load(path.read_text()))
     path.write_text(yaml.safe_dump(params, sort_keys=False))
 
 
@@ -45,7 +66,7 @@ def processes_in(folder: Path, command_part: bytes = b"") -> list[int]:
     found = []
     for proc in Path("/proc").glob("[0-9]*"):
         try:
-            if command_part in (proc / "cmdline").read_bytes() and (proc / "cwd").resolve().is_relative_to(folder.resolve()):
+            if int(proc.name) != os.getpid() and command_part in (proc / "cmdline").read_bytes() and (proc / "cwd").resolve().is_relative_to(folder.resolve()):
                 found.append(int(proc.name))
         except OSError:  # it ended meanwhile, or is not ours to read
             pass
@@ -116,3 +137,18 @@ def unpack_cifar_jpeg(folder: Path, per_class: int) -> Path:
         members = [m for m in archive.getmembers() if m.isdir() or m.name.rsplit("/", 1)[-1] in first]
         archive.extractall(folder / "cifar", members=members, filter="data")
     return folder / "cifar"
+
+
+class RunsCode:
+    """Unpickling this calls os.system: what a malicious file on a shared remote could do."""
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+        return os.system, (f"touch {self.marker}",)
+
+
+def write_malicious(path, marker):
+    path.write_bytes(pickle.dumps({"model": RunsCode(marker)}))
+    return path

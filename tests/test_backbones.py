@@ -1,13 +1,12 @@
-import pickle
 
 import pytest
 import torch
 from torch import nn
 
-from stages import backbones
+from stages import backbones, finetuning, head_training, loop
 from stages.errors import UserError
 from stages.inputs import Preprocess
-from tests.conftest import LITE0_WEIGHTS, needs_shared
+from tests.conftest import LITE0_WEIGHTS, needs_shared, write_malicious
 
 
 def cached_imagenet_weights(name: str, filename: str, torch_home, monkeypatch) -> nn.Module:
@@ -77,21 +76,21 @@ def test_a_local_state_dict_is_loaded_strictly_but_for_the_classifier(tmp_path, 
 def test_set_trainable_unfreezes_the_last_blocks_and_what_follows():
     network = backbones.build("alexnet", "none", num_classes=10)
     head_params = sum(p.numel() for p in network.head.parameters())
-    assert backbones.set_trainable(network, 0) == head_params
+    assert finetuning.set_trainable(network, 0) == head_params
     conv4, conv5 = network.blocks[3][0], network.blocks[4][0]
     expected = head_params + sum(p.numel() for m in (conv4, conv5) for p in m.parameters())
-    assert backbones.set_trainable(network, 2) == expected
+    assert finetuning.set_trainable(network, 2) == expected
     assert not network.blocks[2][0].weight.requires_grad and conv4.weight.requires_grad
-    assert backbones.set_trainable(network, "all") == sum(p.numel() for p in network.model.parameters())
+    assert finetuning.set_trainable(network, "all") == sum(p.numel() for p in network.model.parameters())
     with pytest.raises(UserError, match="has 5 blocks"):
-        backbones.set_trainable(network, 6)
+        finetuning.set_trainable(network, 6)
 
 
 def test_frozen_batchnorm_keeps_its_statistics_in_train_mode():
     network = backbones.build("resnet18", "none", num_classes=10)
-    backbones.set_trainable(network, 1)
+    finetuning.set_trainable(network, 1)
     network.model.train()
-    backbones.keep_frozen_norms_in_eval(network.model)
+    loop.keep_frozen_norms_in_eval(network.model)
     assert not network.body.bn1.training and not network.body.layer3[0].bn1.training
     assert network.body.layer4[0].bn1.training
     before = network.body.bn1.running_mean.clone()
@@ -111,11 +110,11 @@ def test_timm_efficientnet_lite0_with_the_shared_imagenet_weights():
 @pytest.mark.parametrize("model", ["alexnet", "vgg16"])
 def test_feature_extraction_trains_only_the_last_linear_as_the_notebook_did(model):
     network = backbones.build(model, "none", num_classes=10)
-    assert backbones.set_head_trainable(network, "last") == 4096 * 10 + 10  # 40,970
+    assert head_training.set_head_trainable(network, "last") == 4096 * 10 + 10  # 40,970
     assert not network.head[0 if model == "vgg16" else 1].weight.requires_grad  # FC6 stays frozen
     assert any(isinstance(m, nn.Dropout) for m in network.head)  # and its Dropout trains along
     everything = sum(p.numel() for p in network.head.parameters())
-    assert backbones.set_head_trainable(network, "classifier") == everything
+    assert head_training.set_head_trainable(network, "classifier") == everything
 
 
 def test_the_size_check_judges_a_batchnorm_model_by_the_size_not_by_its_probe():
@@ -128,21 +127,6 @@ def test_an_image_size_too_small_for_the_model_names_the_smallest_that_works():
     with pytest.raises(UserError, match=r"data.image_size 32 is too small for alexnet: the smallest size that works is 63"):
         backbones.build("alexnet", "none", num_classes=10, image_size=32)
     assert backbones.build("alexnet", "none", num_classes=10, image_size=63).head[-1].out_features == 10
-
-
-class RunsCode:
-    """Unpickling this calls os.system: what a malicious file on a shared remote could do."""
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        import os
-        return os.system, (f"touch {self.marker}",)
-
-
-def write_malicious(path, marker):
-    path.write_bytes(pickle.dumps({"model": RunsCode(marker)}))
-    return path
 
 
 @pytest.mark.parametrize("content, message", [

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from stages import check_inputs, data, params, prepare_data
+from stages import check_inputs, data, params, prepare_data, sources
 from tests.conftest import CIFAR_JPEG, FAST, needs_shared, set_params, unpack_cifar_jpeg
 
 
@@ -43,11 +43,11 @@ def test_synthetic_classes_differ_but_overlap(project):
 
 def test_cap_per_class_takes_the_first_n_in_a_seeded_order():
     labels = np.repeat(np.arange(3), 10)
-    chosen = data.cap_per_class(labels, 4, data.rng(0, "x"))
+    chosen = sources.cap_per_class(labels, 4, data.rng(0, "x"))
     assert np.bincount(labels[chosen]).tolist() == [4, 4, 4] and np.all(np.diff(chosen) > 0)
-    assert np.array_equal(chosen, data.cap_per_class(labels, 4, data.rng(0, "x")))
-    assert not np.array_equal(chosen, data.cap_per_class(labels, 4, data.rng(1, "x")))
-    more = data.cap_per_class(labels, 6, data.rng(0, "x"))
+    assert np.array_equal(chosen, sources.cap_per_class(labels, 4, data.rng(0, "x")))
+    assert not np.array_equal(chosen, sources.cap_per_class(labels, 4, data.rng(1, "x")))
+    more = sources.cap_per_class(labels, 6, data.rng(0, "x"))
     assert set(chosen) <= set(more)
 
 
@@ -79,7 +79,7 @@ def test_a_training_size_above_what_a_class_holds_is_refused_before_anything_run
 def prepare(data_params: params.DataParams) -> tuple[dict, dict]:
     """data.prepare into a new folder: ({split: (images, labels)}, manifest)."""
     folder = Path(tempfile.mkdtemp(dir=".")) / "prepared"
-    manifest = data.prepare(data_params, folder)
+    manifest = sources.prepare(data_params, folder)
     return {name: tuple(np.array(a) for a in data.open_split(folder, name)) for name in data.SPLITS}, manifest
 
 
@@ -120,7 +120,7 @@ def test_cifar_is_read_by_torchvision_channel_last(project, monkeypatch, source,
         monkeypatch.setattr(dataset, listing, files)
     meta = first.parent / dataset.meta["filename"]
     monkeypatch.setattr(dataset, "meta", {**dataset.meta, "md5": hashlib.md5(meta.read_bytes()).hexdigest()})
-    src = data.open_source(data_params(project, source=source))
+    src = sources.open_source(data_params(project, source=source))
     batch = pickle.loads(first.read_bytes())
     images = dict(src.splits["train"].images(np.arange(3), 32))
     assert src.classes == classes and images[1].shape == (32, 32, 3)
@@ -131,7 +131,7 @@ def test_cifar_is_read_by_torchvision_channel_last(project, monkeypatch, source,
     (first.parent / "test_batch" if source == "cifar10" else first.parent / "test").write_bytes(b"truncated")
     with pytest.raises(data.DataError, match=r"could not get .* put it in data/raw/"):  # corrupt, and offline
         monkeypatch.setattr("torchvision.datasets.utils.urllib.request.urlopen", offline)
-        data.open_source(data_params(project, source=source))
+        sources.open_source(data_params(project, source=source))
 
 
 def offline(*args, **kwargs):
@@ -141,7 +141,7 @@ def offline(*args, **kwargs):
 def test_cifar_offline_without_the_archive_says_where_to_put_it(project, monkeypatch):
     monkeypatch.setattr("torchvision.datasets.utils.urllib.request.urlopen", offline)
     with pytest.raises(data.DataError, match=r"put it in data/raw/ .* data.source=imagefolder or synthetic"):
-        data.open_source(data_params(project, source="cifar10"))
+        sources.open_source(data_params(project, source="cifar10"))
 
 
 def write_image(path, size, color, fmt=None):
@@ -244,7 +244,7 @@ def test_a_non_square_image_is_resized_by_its_shorter_side_and_center_cropped_as
     from torchvision import transforms
     y, x = np.mgrid[0:375, 0:500]  # 500×375, a gradient across each axis
     photo = Image.fromarray(np.stack([x * 255 // 499, y * 255 // 374, x * 0 + 128], axis=-1).astype(np.uint8))
-    ours = np.asarray(data.resized_and_cropped(photo, 96)).astype(int)
+    ours = np.asarray(sources.resized_and_cropped(photo, 96)).astype(int)
     theirs = transforms.Compose([transforms.Resize(96, transforms.InterpolationMode.BICUBIC),
                                  transforms.CenterCrop(96)])(photo)
     assert ours.shape == (96, 96, 3) and np.abs(ours - np.asarray(theirs)).max() <= 1

@@ -4,9 +4,10 @@ import pytest
 import torch
 from torch import nn
 
-from stages import loop
+from stages import inference, loop
 from stages.checkpoints import Checkpoints, host_copy
 from stages.params import TrainParams
+from tests.conftest import write_malicious
 
 
 def cfg(**changes) -> TrainParams:
@@ -34,7 +35,7 @@ def fit(tmp_path, config: TrainParams, val_accuracies=None, validation=True, che
         return ((x[i], y[i]) for i in order.split(config.batch_size))
 
     def validate():
-        loss, accuracy = loop.loss_and_accuracy(loop.predict(model, [(x, len(x))], torch.device("cpu")), y)
+        loss, accuracy = inference.loss_and_accuracy(inference.predict(model, [(x, len(x))], torch.device("cpu")), y)
         return loss, next(scripted, accuracy)
 
     training = loop.Training(model, [{"params": model.parameters(), "lr": config.lr}], batches, len(y),
@@ -72,7 +73,6 @@ def test_without_validation_the_last_epoch_is_the_result(tmp_path):
 
 
 def test_a_corrupt_or_malicious_checkpoint_is_ignored_with_a_warning(tmp_path, capsys):
-    from tests.test_backbones import write_malicious
     marker = tmp_path / "code-ran"
     for name, write in (("truncated", lambda p: p.write_bytes(b"PK\x03\x04 truncated")),
                         ("malicious", lambda p: write_malicious(p, marker))):

@@ -14,9 +14,7 @@ import pytest
 
 from stages.study import remotes
 from stages.errors import UserError
-from tests.conftest import LEARNS, processes_in, run, set_params
-from tests.test_pipeline import CHANCE, ran_stages
-from tests.test_study import TINY
+from tests.conftest import CHANCE, LEARNS, TINY, processes_in, ran_stages, run, set_params
 
 STUDY = [sys.executable, "-m", "stages.study", "--models", "alexnet", "--seeds", "0,1", *TINY]
 
@@ -127,6 +125,7 @@ def evaluated_accuracy() -> float:
     return json.loads(Path("metrics/metrics.json").read_text())["test"]["accuracy"]
 
 
+@pytest.mark.dvc  # runs the stages as processes
 def test_fine_tuning_on_two_nodes_of_localhost(project):
     two_node_params(project / "params.yaml", 29531)
     run(sys.executable, "-m", "stages.check_inputs")

@@ -11,19 +11,8 @@ import yaml
 
 from stages import cache_features, outputs
 from stages.errors import UserError
-from tests.conftest import FAST, LEARNS, processes_in, run, set_params, stage
-from tests.test_backbones import write_malicious
-
-CHANCE = 0.1
-
-
-def ran_stages(output: str) -> list[str]:
-    return re.findall(r"Running stage '([\w-]+)'", output)
-
-
-def restored_stages(output: str) -> list[str]:
-    return re.findall(r"Stage '([\w-]+)' is cached - skipping run", output)
-
+from tests.conftest import (CHANCE, FAST, LEARNS, processes_in, ran_stages, restored_stages, run, set_params, stage,
+                            write_malicious)
 
 def metrics(project, path: str = "metrics/metrics.json") -> dict:
     """One of the pipeline's metrics files: evaluate's by default."""
@@ -105,7 +94,7 @@ def test_feature_extraction_then_finetune_as_dvc_experiments(dvc_project):
     assert len(live) == 2 and all({"train", "val", "best_epoch", "time_s"} <= set(r) for r in live)
 
 
-def test_identical_runs_give_identical_outputs_and_a_kill_9_recovers(dvc_project):
+def test_identical_runs_give_identical_outputs_a_kill_9_recovers_and_a_code_edit_reruns_its_stages_only(dvc_project):
     set_params(dvc_project / "params.yaml", {**FAST, "train_heads.epochs": 2, "finetune.epochs": 1})
     features = dvc_project / "data/features"
     run("git", "commit", "-qam", "fast params")
@@ -134,7 +123,26 @@ def test_identical_runs_give_identical_outputs_and_a_kill_9_recovers(dvc_project
     for png in ("confusion.png", "predictions.png"):
         assert len(re.findall(rf'<img[^>]*{png}', html)) == 1, png
 
+    # an edit to code that only one stage imports changes only that stage's deps
+    edit_function(dvc_project / "stages/finetuning.py", "def set_trainable(")
+    assert changed_stages() == {"check-inputs", "finetune"}  # check-inputs: always_changed
+    assert ran_stages(run("dvc", "repro").stdout) == ["check-inputs", "finetune"]  # the same skipped note: no evaluate
+    edit_function(dvc_project / "stages/sources.py", "def as_rgb(")
+    assert changed_stages() == {"check-inputs", "prepare-data"}
 
+
+def edit_function(path, start: str) -> None:
+    """Adds a statement that does nothing to the function that starts with `start`."""
+    text = path.read_text()
+    body = text.index("\n", text.index('"""', text.index('"""', text.index(start)) + 3)) + 1
+    path.write_text(text[:body] + "    pass\n" + text[body:])
+
+
+def changed_stages() -> set[str]:
+    return set(json.loads(run("dvc", "status", "--json").stdout))
+
+
+@pytest.mark.dvc  # runs the stages as processes
 def test_an_interrupted_finetune_resumes_to_the_same_result(project):
     set_params(project / "params.yaml", {**LEARNS, "strategy": "finetune", "finetune.epochs": 3,
                                              "finetune.checkpoint_interval_s": 0})
@@ -154,6 +162,7 @@ def test_an_interrupted_finetune_resumes_to_the_same_result(project):
     assert metrics(project)["test"] == uninterrupted
 
 
+@pytest.mark.dvc  # runs the stages as processes
 def test_cached_features_are_identical_across_runs_on_the_cpu(project):
     set_params(project / "params.yaml", {**FAST, "features.flip": True})
     stage("prepare_data")
@@ -172,6 +181,7 @@ def test_a_disk_too_small_for_the_feature_cache_is_one_line(project, monkeypatch
     assert not (project / "data/features/train.npy").exists()
 
 
+@pytest.mark.dvc  # runs the stages as processes
 @pytest.mark.parametrize("strategy", ["feature_extraction", "finetune"])
 def test_a_trained_model_that_could_run_code_is_refused(project, strategy):
     set_params(project / "params.yaml", {**FAST, "strategy": strategy})
@@ -232,6 +242,7 @@ def test_finetune_under_torchrun_with_two_processes_resumes_after_kill_9(dvc_pro
     assert metrics(dvc_project)["test"]["accuracy"] > 2 * CHANCE
 
 
+@pytest.mark.dvc  # runs the stages as processes
 def test_a_stage_run_by_hand_before_its_inputs_exist_names_the_missing_file_and_its_command(project):
     def refused(name: str, strategy: str = "feature_extraction") -> str:
         set_params(project / "params.yaml", {**FAST, "strategy": strategy})

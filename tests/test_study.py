@@ -15,10 +15,8 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from stages.study import charts, experiments, grid as study, protocols, remotes, report
 from stages.study.table import results, runs
 from stages.errors import UserError
-from tests.conftest import REPO, run
+from tests.conftest import REPO, TINY, processes_in, run
 
-TINY = ["-S", "data.source=synthetic", "-S", "weights=none", "-S", "data.image_size=64", "-S", "train_heads.epochs=2",
-        "-S", "finetune.epochs=1", "-S", "data.synthetic.train_per_class=20", "-S", "data.synthetic.test_per_class=10"]
 DEFAULTS = yaml.safe_load((REPO / "params.yaml").read_text())
 
 
@@ -467,19 +465,6 @@ def test_the_cost_figure_has_a_labelled_point_per_row_and_a_legend_of_what_is_dr
     assert (tmp_path / "cost_accuracy.png").stat().st_size > 10_000
 
 
-def processes_in(folder: Path) -> list[str]:
-    """The command lines of the processes whose working directory lies in `folder` (DVC's workers and
-    the experiments they run in .dvc/tmp/exps/)."""
-    found = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            if os.readlink(f"/proc/{pid}/cwd").startswith(str(folder)) and int(pid) != os.getpid():
-                found.append(Path(f"/proc/{pid}/cmdline").read_text().replace("\0", " "))
-        except OSError:
-            continue
-    return found
-
-
 def test_ctrl_c_stops_what_the_study_started_and_a_rerun_finishes_the_grid_without_redoing_cells(dvc_project):
     started = dvc_project.parent / "started.log"
     with_fake_stage(dvc_project, FAKE_STAGE.replace(
@@ -496,7 +481,7 @@ def test_ctrl_c_stops_what_the_study_started_and_a_rerun_finishes_the_grid_witho
     assert study_process.returncode == 130, err
     assert "run the same command again to resume" in err.strip().splitlines()[-1]
     time.sleep(5)
-    assert processes_in(dvc_project) == []
+    assert not processes_in(dvc_project)
     done_before = [e for e in shown_experiments() if not e["revs"][0]["error"] and e.get("executor") is None
                    or (e.get("executor") or {}).get("state") == "success"]
     ran_before = started.read_text().split()

@@ -176,8 +176,9 @@ def flat(nested: dict, prefix: str = "") -> dict:
     return out
 
 
-def nest(dotted: dict) -> dict:
-    out = {}
+def nest(dotted: dict, into: dict | None = None) -> dict:
+    """{"data.image_size": 64} -> {"data": {"image_size": 64}}, or written into the nested dict `into`."""
+    out = {} if into is None else into
     for key, value in dotted.items():
         *parents, last = key.split(".")
         section = out
@@ -187,11 +188,11 @@ def nest(dotted: dict) -> dict:
     return out
 
 
-def best(same_params: list[dict]) -> dict:
+def most_advanced(same_params: list[dict]) -> dict:
     """Of records with the same params: a success, else one still to come, else the latest failure."""
-    return min(same_params, key=lambda r: rank(r["state"]))
+    return min(same_params, key=lambda r: state_order(r["state"]))
 
 
-def rank(state: str | None) -> int:
+def state_order(state: str | None) -> int:
     """A state's place in PREFERENCE; an unknown one (or None) last."""
     return PREFERENCE.index(state) if state in PREFERENCE else len(PREFERENCE)

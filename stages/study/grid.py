@@ -216,7 +216,7 @@ def plan(cells: list[dict], workspace: dict, records: list[dict]) -> tuple[list,
     """(done, pending, todo) cells: a success, an experiment still queued or running, neither."""
     done, pending, todo = [], [], []
     for cell in cells:
-        state = experiments.best(matching(cell, workspace, records) or [{"state": None}])["state"]
+        state = experiments.most_advanced(matching(cell, workspace, records) or [{"state": None}])["state"]
         {"success": done, "queued": pending, "running": pending}.get(state, todo).append(cell)
     return done, pending, todo
 
@@ -238,15 +238,7 @@ def queue(todo: list[dict], names: dict[int, str], records: list[dict]) -> None:
         name = names[id(cell)]
         if name in failed:
             dvc("queue", "remove", name)
-        dvc("exp", "run", "--queue", "--name", name, *settings(cell))
-
-
-def settings(overrides: dict) -> list[str]:
-    return _flags(f"{key}={protocols.value_text(value)}" for key, value in overrides.items())
-
-
-def _flags(pairs) -> list[str]:
-    return [arg for pair in pairs for arg in ("-S", pair)]
+        dvc("exp", "run", "--queue", "--name", name, *protocols.set_flags(cell))
 
 
 def waited_for(pending: list[dict], todo: list[dict], names: dict[int, str], workspace: dict,
@@ -258,7 +250,7 @@ def waited_for(pending: list[dict], todo: list[dict], names: dict[int, str], wor
     return sorted({*waiting, *(names[id(cell)] for cell in todo)})
 
 
-def forget_stale(records: list[dict]) -> list[dict]:
+def fail_dead_runs(records: list[dict]) -> list[dict]:
     """Experiments left "running" by a machine that died: DVC keeps them so for good, and so they are
     marked failed (`dvc queue kill`), to be run again."""
     stale = [r for r in records if r["state"] == "running" and r["pid"] is not None and not alive(r["pid"])]
@@ -367,10 +359,10 @@ def stop(names: list[str]) -> None:
 
 
 def record_for(cell: dict, workspace: dict, records: list[dict]) -> dict:
-    """The cell's best experiment (experiments.best); a cell with none keeps its row, not run."""
+    """The cell's best experiment (experiments.most_advanced); a cell with none keeps its row, not run."""
     found = matching(cell, workspace, records)
     if found:
-        return experiments.best(found)
+        return experiments.most_advanced(found)
     return {"name": "-", "state": None, "params": experiments.nest(expected(cell, workspace)), "metrics": {},
             "error": f"{experiments.NOT_RUN}no experiment found", "log": None}
 
@@ -396,7 +388,7 @@ def main():
     mine = shard(cells, *args.shard)
     baseline = remotes.baseline_commit()
     names = {id(cell): remotes.cell_name(cell, expected(cell, workspace), baseline) for cell in mine}
-    records = forget_stale(experiments.records(shown))
+    records = fail_dead_runs(experiments.records(shown))
     done, pending, todo = plan(mine, workspace, records)
     print(f"shard {args.shard[0]}/{args.shard[1]} ({args.shard_source}): {len(mine)} of {len(cells)} cells; "
           f"{len(done)} already done; queueing {len(todo)}"

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import yaml
 
+from stages.study.experiments import flat
+
 _FILE = yaml.safe_load((Path(__file__).parent / "protocols.yaml").read_text())
 PROTOCOLS = {name: {k: v for k, v in keys.items() if k != "scratch"} for name, keys in _FILE.items()}
 SCRATCH = {name: keys.get("scratch") or {} for name, keys in _FILE.items()}  # on top, for training from scratch
@@ -33,14 +35,6 @@ def strategy_of(params: dict) -> str:
     return "scratch" if is_scratch(params) else params.get("strategy")
 
 
-def lookup(nested: dict, dotted: str):
-    for key in dotted.split("."):
-        if not isinstance(nested, dict) or key not in nested:
-            return None
-        nested = nested[key]
-    return nested
-
-
 def protocol_of(params: dict) -> str | None:
     """The protocol whose every key has its value in `params` (nested, as in params.yaml), if any;
     a run from scratch is held against the protocol's scratch recipe."""
@@ -57,7 +51,8 @@ def nearest(params: dict) -> str:
 
 def differences(params: dict, name: str) -> list[str]:
     """The keys of protocol `name` (its scratch recipe for a run from scratch) whose value in `params` differs."""
-    return [key for key, value in overrides(name, is_scratch(params)).items() if not _same(lookup(params, key), value)]
+    present = flat(params)
+    return [key for key, value in overrides(name, is_scratch(params)).items() if not _same(present.get(key), value)]
 
 
 def _same(a, b) -> bool:
@@ -67,7 +62,11 @@ def _same(a, b) -> bool:
 
 
 def flags(name: str, scratch: bool = False) -> list[str]:
-    settings = {**overrides(name, scratch), **({"weights": "none"} if scratch else {})}
+    return set_flags({**overrides(name, scratch), **({"weights": "none"} if scratch else {})})
+
+
+def set_flags(settings: dict) -> list[str]:
+    """{dotted key: value} as `dvc exp run`'s -S flags."""
     return [arg for key, value in settings.items() for arg in ("-S", f"{key}={value_text(value)}")]
 
 

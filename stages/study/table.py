@@ -1,7 +1,7 @@
 """The study's results table, with pandas: one row per set of params but the seed.
 
 runs() turns the experiments' records (experiments.py) into a DataFrame, one row per experiment:
-its state, its params in columns named as in params.yaml (data.image_size), and its figures,
+its state, its params in columns named as in params.yaml (data.image_size), and its measures,
 each read from the metrics file of the stage that measured it. results() groups those rows by
 every param but the seed, with the mean and std of test accuracy over the seeds that succeeded.
 A published number stands beside a row only where it compares like for like.
@@ -9,7 +9,7 @@ A published number stands beside a row only where it compares like for like.
 import pandas as pd
 
 from stages import outputs
-from stages.study.experiments import NOT_RUN, flat, nest, rank
+from stages.study.experiments import NOT_RUN, flat, nest, state_order
 from stages.study.protocols import PUBLISHED_PROTOCOL, differences, nearest, overrides, protocol_of, strategy_of
 
 # The study's test accuracy, from its notebook's protocol (stages/study/protocols.yaml: SGD with
@@ -17,7 +17,7 @@ from stages.study.protocols import PUBLISHED_PROTOCOL, differences, nearest, ove
 PUBLISHED = {("alexnet", "feature_extraction"): 0.8132, ("alexnet", "finetune"): 0.8917,
              ("vgg16", "feature_extraction"): 0.8196, ("vgg16", "finetune"): 0.9223}
 TRAINING = "training"  # stands for the metrics file of the run's training stage, by its strategy
-FIGURES = {  # column: (metrics file, key in it)
+MEASURES = {  # column: (metrics file, key in it)
     "test_accuracy": (outputs.METRICS, "test.accuracy"),
     "total_time_s": (outputs.METRICS, "total_time_s"),  # the whole cost: the two parts below
     "features_time_s": (outputs.FEATURE_METRICS, "time_s"),
@@ -26,31 +26,31 @@ FIGURES = {  # column: (metrics file, key in it)
     "trainable_params": (TRAINING, "trainable_params"),
     "ran_on": (outputs.METRICS, "run.device"),
 }
-NUMBERS = [column for column in FIGURES if column != "ran_on"]
+NUMBERS = [column for column in MEASURES if column != "ran_on"]
 
 
 def runs(records: list[dict]) -> pd.DataFrame:
     """One row per experiment: name, state, error, a column per param, a column per figure."""
-    rows = [{"name": r["name"], "state": r["state"], "error": r["error"], **flat(r["params"]), **figures(r)}
+    rows = [{"name": r["name"], "state": r["state"], "error": r["error"], **flat(r["params"]), **measures(r)}
             for r in records]
     # object: a param keeps its value (500 stays an int beside a null, a null stays None)
-    table = pd.DataFrame(rows, columns=None if rows else ["name", "state", "error", *FIGURES], dtype=object)
+    table = pd.DataFrame(rows, columns=None if rows else ["name", "state", "error", *MEASURES], dtype=object)
     return table.astype(dict.fromkeys(NUMBERS, float))
 
 
-def figures(record: dict) -> dict:
-    """The record's figures, each from its stage's metrics file (None where it has none)."""
+def measures(record: dict) -> dict:
+    """The record's measures, each from its stage's metrics file (None where it has none)."""
     live = outputs.LIVE.get(record["params"].get("strategy"))
     training = str(live / "metrics.json") if live else None
     files = {path: flat(content) for path, content in record["metrics"].items()}
     return {column: files.get(training if path == TRAINING else str(path), {}).get(key)
-            for column, (path, key) in FIGURES.items()}
+            for column, (path, key) in MEASURES.items()}
 
 
 def results(experiments: pd.DataFrame) -> pd.DataFrame:
     """One row per set of params but the seed, mean ± std of test accuracy over the seeds that
     succeeded; a set without a number keeps its row and says why (failed, not run)."""
-    params = [c for c in experiments.columns if c not in ("name", "state", "error", *FIGURES)]
+    params = [c for c in experiments.columns if c not in ("name", "state", "error", *MEASURES)]
     grouping = [c for c in params if c != "seed"]
     unique = one_per_run(experiments, params).assign(key=lambda t: t[grouping].map(text).agg("\n".join, axis=1))
     numbers = unique.groupby("key", sort=False).agg(
@@ -116,7 +116,7 @@ def gains_over_scratch(results: pd.DataFrame, key: str) -> pd.DataFrame:
 def one_per_run(experiments: pd.DataFrame, params: list[str]) -> pd.DataFrame:
     """One row per set of params, seed included, the best state first: a repeated run neither counts
     twice nor hides a success. Figures only where the run succeeded; `problem` and `failed` say why not."""
-    unique = experiments.assign(rank=experiments["state"].map(rank)).sort_values("rank", kind="stable").drop_duplicates(params)
+    unique = experiments.assign(rank=experiments["state"].map(state_order)).sort_values("rank", kind="stable").drop_duplicates(params)
     done = (unique["state"] == "success") & unique["test_accuracy"].notna()
     return unique.assign(
         **{column: unique[column].where(done) for column in NUMBERS},
