@@ -1,4 +1,4 @@
-"""Seconds DVC spends on a large feature file with cache.type copy and with hardlink,symlink.
+"""Seconds DVC spends on a large feature file with cache.type reflink,copy (our default) and hardlink,symlink.
 
     python -m benchmarks.dvc_cache_links                  # a 1.1 GB output, in a temporary folder under /tmp
     python -m benchmarks.dvc_cache_links --gb 5 --dir /scratch
@@ -23,7 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-CACHE_TYPES = ("copy", "hardlink,symlink")
+CACHE_TYPES = ("reflink,copy", "hardlink,symlink")  # the default, and the opt-in for very large caches
 FEATURES = 4096  # values per feature vector: AlexNet's and VGG16's FC7 width
 STAGE = '''\
 import sys, time

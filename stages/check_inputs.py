@@ -37,8 +37,12 @@ def main():
     p = params.load()
     check_model(p.model, p.data.image_size)
     check_train_per_class(p.data)
+    if p.data.source == "imagefolder":  # its class folders, before DVC removes prepare-data's outputs
+        from stages import sources
+        sources.list_splits(Path(p.data.root))
     outputs.write_json(outputs.INPUTS / "source.json", source_fingerprint(p.data))
     outputs.write_json(outputs.INPUTS / "weights.json", weights_fingerprint(p.model, p.weights))
+    print(f"params.yaml, {p.model} at {p.data.image_size} px and the inputs checked: {outputs.INPUTS}/ written")
 
 
 def check_model(name: str, image_size: int) -> None:

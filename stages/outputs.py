@@ -1,7 +1,8 @@
 """Writing stage outputs: fresh folders, atomic JSON, and the note of a strategy not chosen.
 
-DVC links outputs into its cache (hardlinks: see .dvc/config), so a stage never writes into
-an existing output file: it removes the path first and writes a new file.
+With cache.type hardlink (an opt-in: README "Speed"), an output file is its object in DVC's
+cache, so a stage never writes into an existing output file: it removes the path first and
+writes a new file.
 """
 import contextlib
 import json
@@ -64,6 +65,7 @@ def write_skipped(folder: Path, chosen: str, live_dir: Path | None = None) -> No
     write_json(folder / "skipped.json", {"skipped": f"strategy is {chosen}"})
     if live_dir:
         empty_live(live_dir)
+    print(f"skipped: strategy is {chosen}; {folder}/skipped.json says so")
 
 
 def empty_live(live_dir: Path) -> None:

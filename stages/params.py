@@ -45,6 +45,7 @@ class DataParams:
     train_per_class: Union[int, None]
     stored_size: Union[int, None]
     skip_unreadable: bool
+    max_image_pixels: int
     synthetic: SyntheticParams
 
     def __post_init__(self):
@@ -60,6 +61,7 @@ class DataParams:
                  "must be at least 8, or null", self.stored_size)
         _require(self.stored_size in (None, 32) or not self.source.startswith("cifar"), "data.stored_size",
                  "must be null or 32 for CIFAR, whose images are 32 px", self.stored_size)
+        _require(self.max_image_pixels > 0, "data.max_image_pixels", "must be positive", self.max_image_pixels)
         _require(self.synthetic.classes >= 2, "data.synthetic.classes", "must be at least 2", self.synthetic.classes)
         for key in ("train_per_class", "test_per_class"):
             value = getattr(self.synthetic, key)

@@ -4,38 +4,50 @@ and the images written as data.py's prepared arrays.
 Every source gives each of its splits as labels plus a reader of chosen images, so that
 `data.limit_per_class` picks images before any file is decoded.
 """
-from dataclasses import dataclass
+import os
+from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 from tqdm import tqdm
 
 from stages.data import SPLITS, DataError, ImageFile, rng, write_labels, write_manifest
 from stages.params import DataParams, resize_side
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
+OS_FILES = {"thumbs.db", "desktop.ini", "icon\r"}  # what Windows and macOS leave in folders (besides dot files)
 
 
 @dataclass
 class SourceSplit:
     labels: np.ndarray  # int64, one per item of the source's split
     sizes: Callable[[np.ndarray], list[tuple[int, int]]]  # indices -> (width, height) of each one that opens
-    images: Callable[[np.ndarray, int], Iterator[tuple[int, np.ndarray]]]  # (indices, side) -> (index, S×S×3) each
+    # (indices, side, skipped) -> (index, S×S×3) of each image used; `skipped` counts the others by reason
+    images: Callable[[np.ndarray, int, Counter], Iterator[tuple[int, np.ndarray]]]
 
 
 @dataclass
 class Source:
     classes: list[str]
     splits: dict[str, SourceSplit]  # train and test, and val where the source has one
+    ignored: dict[str, dict[str, int]] = field(default_factory=dict)  # split -> {why: files}: not images
+
+
+class Unusable(Exception):
+    """An image file that cannot be used: `reason` is what the manifest counts, the message adds detail."""
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason} ({detail})" if detail else reason)
+        self.reason = reason
 
 
 def open_source(data: DataParams) -> Source:
     if data.source in ("cifar10", "cifar100"):
         return cifar_source(data.source, Path(data.root))
     if data.source == "imagefolder":
-        return imagefolder_source(Path(data.root), data.skip_unreadable)
+        return imagefolder_source(Path(data.root), data.skip_unreadable, data.max_image_pixels)
     return synthetic_source(data.synthetic.classes, data.synthetic.train_per_class,
                             data.synthetic.test_per_class, data.stored_size or 32, data.split_seed)
 
@@ -60,7 +72,8 @@ def prepare(data: DataParams, folder: Path) -> dict:
         capacity = {"train": len(picked) - len(val), "val": len(val)} if carving else {name: len(picked)}
         files = {target: ImageFile(folder, target, count, side) for target, count in capacity.items()}
         kept = {target: [] for target in capacity}
-        for index, image in split.images(picked, side):
+        skipped[name] = Counter()
+        for index, image in split.images(picked, side, skipped[name]):
             target = "val" if index in val else name
             files[target].write(image)
             kept[target].append(index)
@@ -68,17 +81,22 @@ def prepare(data: DataParams, folder: Path) -> dict:
             file.close()
             labels[target] = split.labels[np.asarray(kept[target], dtype=np.int64)]
             write_labels(folder, target, labels[target])
-        skipped[name] = len(picked) - sum(map(len, kept.values()))
     for name in SPLITS:
         if len(labels[name]) == 0 and (name != "val" or data.has_validation):
             raise DataError(f"the {name} split is empty: raise data.limit_per_class or data.val_fraction")
+    for name in ("train", "test"):
+        missing = [c for i, c in enumerate(source.classes) if not (labels[name] == i).any()]
+        if missing:
+            raise DataError(f"class {missing[0]} has no usable image in the {name} split (skipped: "
+                            f"{dict(skipped.get(name, {})) or 'none'}): give it images that can be used")
     manifest = {
         "source": data.source,
         "classes": source.classes,
         "image_size": [side, side],
         "stored_size": stored,
         "splits": {name: split_summary(labels[name], source.classes) for name in SPLITS},
-        "skipped_unreadable": skipped,
+        "skipped_unreadable": {name: dict(sorted(reasons.items())) for name, reasons in skipped.items()},
+        "ignored": source.ignored,
     }
     write_manifest(folder, manifest)
     return manifest
@@ -126,7 +144,7 @@ def in_memory(images: np.ndarray) -> tuple[Callable, Callable]:
     """The sizes and images readers of a split that is one array already at its stored size."""
     side = images.shape[2], images.shape[1]
     return (lambda indices: [side] * len(indices),
-            lambda indices, _side: ((int(i), images[i]) for i in tqdm(indices, desc="write", unit="img",
+            lambda indices, _side, _skipped: ((int(i), images[i]) for i in tqdm(indices, desc="write", unit="img",
                                                                      mininterval=2, disable=len(indices) < 20000)))
 
 
@@ -148,55 +166,123 @@ def cifar_source(name: str, root: Path) -> Source:
 
 # --- an image folder: root/{train,test[,val]}/<class>/<image> ---------------------------------
 
-def imagefolder_source(root: Path, skip_unreadable: bool) -> Source:
-    names = [s for s in ("train", "val", "test") if (root / s).is_dir()]
-    listings = {name: list_images(root / name) for name in names}
-    classes = sorted(listings["train"])
-    for name, listing in listings.items():
-        if sorted(listing) != classes:
-            raise DataError(f"{root / name} has classes {sorted(listing)}, but {root / 'train'} has {classes}: "
-                            "every split needs the same class folders")
+def imagefolder_source(root: Path, skip_unreadable: bool, max_pixels: int) -> Source:
+    Image.MAX_IMAGE_PIXELS = None  # PIL's decompression-bomb check: data.max_image_pixels is ours, on each header
+    classes, listings, ignored = list_splits(root)
     splits = {}
     for name, listing in listings.items():
         paths = [path for c in classes for path in listing[c]]
         labels = np.array([i for i, c in enumerate(classes) for _ in listing[c]], dtype=np.int64)
         splits[name] = SourceSplit(
-            labels, lambda idx, paths=paths: image_sizes([paths[i] for i in idx]),
-            lambda idx, side, paths=paths, name=name: decode_images(paths, idx, side, skip_unreadable, name))
-    return Source(classes, splits)
+            labels, lambda idx, paths=paths: image_sizes([paths[i] for i in idx], max_pixels),
+            lambda idx, side, skipped, paths=paths, name=name: decode_images(paths, idx, side, skip_unreadable,
+                                                                            max_pixels, skipped, name))
+    return Source(classes, splits, ignored)
 
 
-def list_images(folder: Path) -> dict[str, list[Path]]:
-    listing = {d.name: sorted(p for p in d.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
-               for d in sorted(folder.iterdir()) if d.is_dir()}
+def list_splits(root: Path) -> tuple[list[str], dict[str, dict[str, list[Path]]], dict[str, dict[str, int]]]:
+    """The classes, {split: {class: image paths}} and {split: {why: count}} of the files left out;
+    a split whose classes differ from train's stops with one line (check-inputs asks first, so
+    that it stops before DVC removes anything)."""
+    listings, ignored = {}, {}
+    for name in (s for s in ("train", "val", "test") if (root / s).is_dir()):
+        listings[name], ignored[name] = list_images(root / name)
+    classes = sorted(listings["train"])
+    for name, listing in listings.items():
+        if sorted(listing) != classes:
+            raise DataError(f"{root / name} has classes {sorted(listing)}, but {root / 'train'} has {classes}: "
+                            "every split needs the same class folders")
+    return classes, listings, ignored
+
+
+def list_images(folder: Path) -> tuple[dict[str, list[Path]], dict[str, int]]:
+    """{class: image paths} of a split's class folders, and {why: count} of the files left out: dot
+    files and what operating systems leave behind, files without an image extension, subfolders.
+    A file with an image extension that holds no image is decode_images' to name."""
+    listing, ignored = {}, Counter()
+    for entry in sorted(os.scandir(folder), key=lambda e: e.name):  # scandir: no stat per file
+        if not entry.is_dir() or entry.name.startswith("."):
+            ignored[ignorable(entry) or "outside a class folder"] += 1
+            continue
+        listing[entry.name] = []
+        for file in sorted(os.scandir(entry.path), key=lambda e: e.name):
+            why = ignorable(file) or ("a subfolder" if file.is_dir() else None)
+            if why:
+                ignored[why] += 1
+            else:
+                listing[entry.name].append(Path(file.path))
     empty = [c for c, paths in listing.items() if not paths]
     if not listing or empty:
-        raise DataError(f"{folder} needs one folder of images per class (empty: {empty or 'no class folders'})")
-    return listing
+        raise DataError(f"{folder} needs one folder of images per class (with no image file: "
+                        f"{', '.join(empty) or 'no class folders'})")
+    return listing, dict(sorted(ignored.items()))
 
 
-def image_sizes(paths: list[Path]) -> list[tuple[int, int]]:
+def ignorable(entry: os.DirEntry) -> str | None:
+    """Why a file is not taken for an image, if it is not."""
+    if entry.name.startswith("."):
+        return "a dot file (hidden, or macOS's ._ and .DS_Store)"
+    if entry.name.lower() in OS_FILES:
+        return "an operating system's file"
+    if os.path.splitext(entry.name)[1].lower() not in IMAGE_EXTENSIONS and not entry.is_dir():
+        return "no image extension"
+    return None
+
+
+def opened(path: Path, max_pixels: int) -> Image.Image:
+    """The image, its header read; Unusable, saying why, if it cannot be used."""
+    try:
+        if path.stat().st_size == 0:
+            raise Unusable("an empty file")
+        image = Image.open(path)
+    except FileNotFoundError:
+        raise Unusable("a broken symlink" if path.is_symlink() else "gone") from None
+    except PermissionError:
+        raise Unusable("permission denied") from None
+    except UnidentifiedImageError:
+        raise Unusable("not an image that PIL reads") from None
+    except OSError as error:
+        raise Unusable("unreadable", error.__class__.__name__) from None
+    width, height = image.size
+    if width * height > max_pixels:
+        image.close()
+        raise Unusable("over data.max_image_pixels", f"{width}×{height} pixels, the limit {max_pixels:,}")
+    return image
+
+
+def image_sizes(paths: list[Path], max_pixels: int) -> list[tuple[int, int]]:
     """(width, height) of each image that opens, from its header (decode_images names the others)."""
     sizes = []
     for path in tqdm(paths, desc="sizes", unit="img", mininterval=2, disable=len(paths) < 20000):
         try:
-            with Image.open(path) as image:
+            with opened(path, max_pixels) as image:
                 sizes.append(image.size)
-        except (UnidentifiedImageError, OSError):
+        except Unusable:
             pass
     return sizes
 
 
-def decode_images(paths, indices, side: int, skip_unreadable, split) -> Iterator[tuple[int, np.ndarray]]:
-    """(index, RGB uint8 side×side×3) for each image that decodes, in order."""
+def decode_images(paths, indices, side: int, skip_unreadable: bool, max_pixels: int, skipped: Counter,
+                  split: str) -> Iterator[tuple[int, np.ndarray]]:
+    """(index, RGB uint8 side×side×3) for each image that decodes, in order, turned upright by its
+    EXIF orientation. One that cannot be used stops prepare-data with one line naming it, or with
+    data.skip_unreadable is counted in `skipped` by reason."""
     for index in tqdm(indices, desc=f"decode {split}", unit="img", mininterval=2):
         try:
-            with Image.open(paths[index]) as image:
-                yield int(index), np.asarray(resized_and_cropped(as_rgb(image), side))
-        except (UnidentifiedImageError, OSError) as error:
-            if not skip_unreadable:
-                raise DataError(f"cannot read {paths[index]} ({error.__class__.__name__}): remove it, "
-                                "or set data.skip_unreadable: true") from None
+            with opened(paths[index], max_pixels) as image:
+                upright = ImageOps.exif_transpose(image)
+                array = np.asarray(resized_and_cropped(as_rgb(upright), side))
+        except Unusable as error:
+            unusable = error
+        except Exception as error:  # whatever a damaged file makes PIL raise: OSError, SyntaxError, ValueError ...
+            unusable = Unusable("cannot be decoded", error.__class__.__name__)
+        else:
+            yield int(index), array
+            continue
+        if not skip_unreadable:
+            fix = ", or raise data.max_image_pixels" if unusable.reason == "over data.max_image_pixels" else ""
+            raise DataError(f"cannot use {paths[index]}: {unusable}: remove it, or set data.skip_unreadable: true{fix}")
+        skipped[unusable.reason] += 1
 
 
 def as_rgb(image: Image.Image) -> Image.Image:

@@ -120,7 +120,7 @@ def dvc_project(project, known_models):
     run("dvc", "init", "-q")
     (project / ".dvc/tmp").mkdir(exist_ok=True)
     shutil.copy(known_models, project / ".dvc/tmp" / check_inputs.KNOWN_MODELS)
-    shutil.copy(REPO / ".dvc/config", project / ".dvc/config")  # hardlinked cache, no analytics
+    shutil.copy(REPO / ".dvc/config", project / ".dvc/config")  # reflink or copy, no analytics
     run("git", "add", "-A")
     run("git", "commit", "-qm", "project")
     return project

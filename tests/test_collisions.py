@@ -2,13 +2,13 @@
 
 What DVC does when a second `dvc exp run` starts while a first one runs a stage in the workspace:
 the first releases the repo lock for the whole run (repo/experiments/__init__.py `_reproduce_queue`
-is @unlocked_repo) and its inner repro releases it while each stage's command runs (stage/run.py:181),
+is @unlocked_repo) and its inner repro releases it while each stage's command runs (stage/run.py `run_stage`),
 so the second takes the lock, stashes the workspace, writes its -S into params.yaml, applies its own
-stash there for good (executor/local.py:226-238), force-checks-out the outputs of the workspace's
-dvc.lock over the running stage's folder (executor/base.py:505), and only then, at its first stage,
-meets the first's stage rwlock ("... is busy", rwlock.py:124). Its cleanup deletes the first's
-EXEC_BASELINE ref (executor/local.py:252), so the first, which finishes its stages, fails to commit:
-ExpRefInfo(None, name) -> refs.py:51 `baseline_sha[:2]`, "'NoneType' object is not subscriptable".
+stash there for good (executor/local.py `init_git`), force-checks-out the outputs of the workspace's
+dvc.lock over the running stage's folder (executor/base.py `reproduce`), and only then, at its first stage,
+meets the first's stage rwlock ("... is busy", rwlock.py `_check_blockers`). Its cleanup deletes the first's
+EXEC_BASELINE ref (executor/local.py `cleanup`), so the first, which finishes its stages, fails to commit:
+ExpRefInfo(None, name) -> refs.py `ExpRefInfo.parts`: `baseline_sha[:2]`, "'NoneType' object is not subscriptable".
 Nothing in our stages runs before the second's damage; the rule is in the README.
 """
 import hashlib
@@ -18,6 +18,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import numpy as np
 import yaml
 
 from tests.conftest import FAST, REPO, run, set_params
@@ -94,16 +95,39 @@ def test_a_second_workspace_run_fails_on_the_rwlock_and_the_first_loses_its_resu
     assert list(experiments().values()) == [0]  # neither run left an experiment
     assert seed_in(dvc_project / "params.yaml") == 2  # the second, which ran nothing, left its -S in the workspace
     assert not (dvc_project / WORKSPACE_PID_FILE).exists()
-    # The second's checkout hardlinked the baseline's cached model.pt (mode 0444) into the running stage's folder.
-    if writes_read_only_files(tmp_path_factory):  # root writes through it: the baseline's cached model is lost,
-        assert "'NoneType' object is not subscriptable" in first_out and not cached_model_intact(baseline)
-        assert "last epoch 8" in first_out  # it trained and saved its head, then lost its result
-        # and the first's dvc.lock, written after the second's change, says its head was trained with seed 2
-        lock = yaml.safe_load((dvc_project / "dvc.lock").read_text())
-        assert lock["stages"]["train-heads"]["params"]["params.yaml"]["seed"] == 2
-    else:  # anyone else gets a PermissionError at the stage's torch.save, after training
-        assert "failed to reproduce 'train-heads'" in first_out and "Permission denied" in first_out
-        assert cached_model_intact(baseline)
+    # The second's checkout put the baseline's model.pt into the running stage's folder, as a copy
+    # (cache.type reflink,copy): the first's save replaced the copy, never the cached object
+    assert cached_model_intact(baseline)
+    assert "'NoneType' object is not subscriptable" in first_out  # it trained and saved, then lost its result
+    assert "last epoch 8" in first_out
+    # and the first's dvc.lock, written after the second's change, says its head was trained with seed 2
+    lock = yaml.safe_load((dvc_project / "dvc.lock").read_text())
+    assert lock["stages"]["train-heads"]["params"]["params.yaml"]["seed"] == 2
+
+
+def test_an_output_edited_in_place_leaves_every_cache_object_whole_and_repro_makes_it_again(dvc_project):
+    set_params(dvc_project / "params.yaml", SMALL)
+    run("git", "commit", "-qam", "small params")
+    run("dvc", "exp", "run", "prepare-data")
+    images = dvc_project / "data/prepared/train_images.npy"
+    made = md5_of(images)
+    edited = np.load(images)
+    edited.flat[:500] = 7
+    np.save(images, edited)  # in place, as a user would: with hardlinks (and root) into the cached object
+    assert md5_of(images) != made and corrupt_cache_objects() == []
+    run("dvc", "repro", "prepare-data")
+    assert md5_of(images) == made and corrupt_cache_objects() == []
+
+
+def md5_of(path: Path) -> str:
+    return hashlib.md5(path.read_bytes()).hexdigest()
+
+
+def corrupt_cache_objects() -> list[Path]:
+    """The objects in DVC's cache whose content no longer has the hash that names them."""
+    objects = [p for p in Path(".dvc/cache/files/md5").glob("*/*") if p.is_file()]
+    assert objects
+    return [p for p in objects if p.parent.name + p.name.removesuffix(".dir") != md5_of(p)]
 
 
 def test_two_temp_runs_side_by_side_both_finish_and_leave_the_workspace_alone(dvc_project, tmp_path_factory):

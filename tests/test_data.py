@@ -1,8 +1,11 @@
 import hashlib
+import io
 import json
 import os
 import pickle
+import re
 import tempfile
+from collections import Counter
 from pathlib import Path
 from urllib.error import URLError
 
@@ -11,6 +14,7 @@ import pytest
 from PIL import Image
 
 from stages import check_inputs, data, params, prepare_data, sources
+from stages.errors import run_stage
 from tests.conftest import CIFAR_JPEG, FAST, needs_shared, set_params, unpack_cifar_jpeg
 
 
@@ -122,7 +126,7 @@ def test_cifar_is_read_by_torchvision_channel_last(project, monkeypatch, source,
     monkeypatch.setattr(dataset, "meta", {**dataset.meta, "md5": hashlib.md5(meta.read_bytes()).hexdigest()})
     src = sources.open_source(data_params(project, source=source))
     batch = pickle.loads(first.read_bytes())
-    images = dict(src.splits["train"].images(np.arange(3), 32))
+    images = dict(src.splits["train"].images(np.arange(3), 32, Counter()))
     assert src.classes == classes and images[1].shape == (32, 32, 3)
     assert np.array_equal(images[1][:, :, 0].ravel(), batch["data"][1, :1024])  # red plane first
     assert np.array_equal(images[1][0, 0], batch["data"][1, [0, 1024, 2048]])
@@ -188,12 +192,92 @@ def test_imagefolder_splits_must_have_the_same_classes(project):
 def test_an_unreadable_image_is_named_or_skipped_and_counted(project):
     make_folder(project / "images")
     (project / "images/train/dog/broken.jpg").write_bytes(b"not a jpeg")
-    with pytest.raises(data.DataError, match=r"cannot read .*broken.jpg .*data.skip_unreadable: true"):
+    with pytest.raises(data.DataError, match=r"cannot use .*broken.jpg: not an image that PIL reads: .*skip_unreadable: true"):
         prepare(folder_params(project))
     _, manifest = prepare(folder_params(project, skip_unreadable=True,
                                                   val_fraction=0.25))
-    assert manifest["skipped_unreadable"] == {"train": 1, "test": 0}
+    assert manifest["skipped_unreadable"] == {"train": {"not an image that PIL reads": 1}, "test": {}}
     assert manifest["splits"]["train"]["count"] + manifest["splits"]["val"]["count"] == 8
+
+
+def litter_and_unusable_files(root: Path) -> dict[str, int]:
+    """One file of each kind that an image folder may hold beside its images, in train/cat; returns
+    {reason: count} of those that cannot be used (what the manifest should count when skipping)."""
+    cat = root / "train" / "cat"
+    for name in (".DS_Store", "._0.jpg", "Thumbs.db", "desktop.ini", "notes.txt"):
+        (cat / name).write_bytes(b"\0\1 litter")
+    (root / "train" / ".hidden_folder").mkdir()
+    (cat / "empty.jpg").write_bytes(b"")
+    (cat / "heic_or_text.png").write_text("not an image, whatever its extension says")
+    whole = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(whole, "JPEG")
+    (cat / "truncated.jpg").write_bytes(whole.getvalue()[: len(whole.getvalue()) // 2])
+    write_image(cat / "huge.png", 200, (10, 200, 10))  # 40,000 pixels, over the tests' data.max_image_pixels
+    (cat / "gone.jpg").symlink_to(root / "nowhere.jpg")
+    write_image(cat / "png_named.jpg", 32, (200, 30, 30))  # an extension that lies: decoded by its content
+    Image.new("P", (32, 32)).save(cat / "palette.png", transparency=0)
+    write_image(cat / "locked.png", 32, (200, 30, 30))
+    (cat / "locked.png").chmod(0)
+    readable_by_all = os.access(cat / "locked.png", os.R_OK)  # root reads it anyway
+    unusable = {"an empty file": 1, "not an image that PIL reads": 1, "cannot be decoded": 1,
+                "over data.max_image_pixels": 1, "a broken symlink": 1, "permission denied": 0 if readable_by_all else 1}
+    return {reason: n for reason, n in unusable.items() if n}
+
+
+def test_every_file_an_image_folder_holds_ends_in_one_line_or_is_skipped_and_counted_by_reason(project, capsys):
+    make_folder(project / "images")
+    unusable = litter_and_unusable_files(project / "images")
+    set_params(project / "params.yaml", {**FAST, "data.source": "imagefolder", "data.root": "images",
+                                         "data.stored_size": 32, "data.max_image_pixels": 10_000})
+    with pytest.raises(SystemExit) as stopped:
+        run_stage(prepare_data.main)
+    err = capsys.readouterr().err
+    said = err.strip().splitlines()[-1]  # after the progress bar's
+    assert stopped.value.code == 2 and err.count("error") == 1 and said.startswith("error: cannot use images/train/cat/")
+    assert "data.skip_unreadable: true" in said and "Traceback" not in err
+
+    set_params(project / "params.yaml", {"data.skip_unreadable": True})
+    run_stage(prepare_data.main)
+    manifest = json.loads((project / "data/prepared/manifest.json").read_text())
+    assert manifest["skipped_unreadable"]["train"] == dict(sorted(unusable.items()))
+    assert manifest["ignored"]["train"] == {"a dot file (hidden, or macOS's ._ and .DS_Store)": 3,
+                                            "an operating system's file": 2, "no image extension": 1}
+    used = 4 + 3 - (1 if "permission denied" in unusable else 0)  # the 4 made, png_named, palette, locked
+    assert manifest["splits"]["train"]["count"] + manifest["splits"]["val"]["count"] == 4 + used
+
+
+def test_an_image_is_turned_upright_by_its_exif_orientation(project):
+    make_folder(project / "images", per_class=2, sizes=(32,))
+    photo = np.zeros((32, 64, 3), np.uint8)
+    photo[:, :32] = 255  # white left half, black right: wider than tall
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: rotate 90° clockwise to display
+    Image.fromarray(photo).save(project / "images/test/cat/rotated.jpg", exif=exif, quality=95)
+    arrays, _ = prepare(data_params(project, source="imagefolder", root="images", image_size=32, crop_pct=1.0))
+    images, labels = arrays["test"]
+    upright = images[-3]  # test/cat: 0.jpg, 1.JPEG, rotated.jpg (sorted), then dog's
+    assert upright[:8].mean() > 200 and upright[-8:].mean() < 50  # turned: the white half is now on top
+
+
+@pytest.mark.parametrize("layout, message", [
+    ("val_class", "has classes .*bird.*every split needs the same class folders"),
+    ("empty_class", "needs one folder of images per class .with no image file: bird"),
+    ("root_file", "data.root must hold train/<class>/ image folders"),
+])
+def test_a_folder_structure_mistake_stops_check_inputs_in_one_line(project, capsys, layout, message):
+    make_folder(project / "images", splits=("train", "val", "test"))
+    if layout == "val_class":
+        write_image(project / "images/val/bird/0.png", 32, (0, 200, 0))
+    elif layout == "empty_class":
+        for split in ("train", "val", "test"):
+            (project / "images" / split / "bird").mkdir()
+            (project / "images" / split / "bird" / ".DS_Store").write_bytes(b"")
+    root = "images" if layout != "root_file" else "images/train/cat/0.jpg"
+    set_params(project / "params.yaml", {**FAST, "data.source": "imagefolder", "data.root": root})
+    with pytest.raises(SystemExit) as stopped:
+        run_stage(check_inputs.main)
+    err = capsys.readouterr().err
+    assert stopped.value.code == 2 and err.count("\n") == 1 and re.search(message, err), err
 
 
 def test_an_empty_split_is_an_error(project):

@@ -250,9 +250,19 @@ def test_a_stage_run_by_hand_before_its_inputs_exist_names_the_missing_file_and_
         assert result.returncode == 2 and result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
         return result.stderr
 
+    def skipped(name: str, strategy: str) -> str:
+        set_params(project / "params.yaml", {**FAST, "strategy": strategy})
+        result = stage(name)
+        assert result.stdout.count("\n") == 1 and not result.stderr
+        return result.stdout
+
     for name in ("cache_features", "train_heads", "evaluate"):
         assert refused(name).startswith("error: data/prepared/manifest.json is missing: `dvc repro prepare-data`")
     assert "data/prepared/manifest.json is missing" in refused("finetune", "finetune")
+    assert skipped("finetune", "feature_extraction").startswith("skipped: strategy is feature_extraction")
+    for name in ("cache_features", "train_heads"):  # reading nothing they do not need
+        assert skipped(name, "finetune").startswith("skipped: strategy is finetune")
+    assert "inputs checked" in skipped("check_inputs", "finetune")
     stage("prepare_data")
     assert "data/features/manifest.json is missing: `dvc repro cache-features`" in refused("train_heads")
     assert "models/finetune/model.pt is missing: `dvc repro finetune`" in refused("evaluate", "finetune")

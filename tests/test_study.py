@@ -166,7 +166,7 @@ def test_the_shards_of_the_grid_cover_it_exactly_once():
 
 @pytest.mark.parametrize("argv", [["--strategies", "finetuning"], ["--models", "alexnet,,vgg16"], ["--seeds", "0,x"],
                                   ["--shard", "3/2"], ["--shard", "half"], ["--protocol", "paper"],
-                                  ["-S", "seed=1"], ["-S", "train_heads.lr=1e-3,1e-3"], ["--gpus", "0,0"],
+                                  ["-S", "seed=1"], ["-S", "train_heads.lr=1e-3,1e-3"], ["--gpus", "0,0"], ["--gpus", "abc"],
                                   ["-S", "train_heads.lr=interval(0,1)"], ["-S", "no.such_key=1,2"],
                                   ["-S", "data.train_per_class=0,10"], ["--strategies", "scratch", "-S", "finetune.epochs=2,x"]])
 def test_a_cli_mistake_is_one_line_and_exit_code_2(argv):
@@ -259,8 +259,8 @@ def test_gpus_are_grouped_for_a_fine_tune_with_several_processes(monkeypatch):
     monkeypatch.setattr(study, "visible_gpus", lambda: ["0", "1", "2", "3", "4"])
     assert study.gpu_groups(None, 1) == ["0", "1", "2", "3", "4"]
     assert study.gpu_groups(None, 2) == ["0,1", "2,3"]
-    assert study.gpu_groups(["0+1", "2+3"], 2) == ["0,1", "2,3"] and study.gpu_groups(["5", "7"], 1) == ["5", "7"]
-    for gpus in (["0", "1"], ["0+1", "1+2"], ["0+"]):
+    assert study.gpu_groups(["0+1", "2+3"], 2) == ["0,1", "2,3"] and study.gpu_groups(["4", "2"], 1) == ["4", "2"]
+    for gpus in (["0", "1"], ["0+1", "1+2"], ["0+"], ["abc"], ["5"]):
         with pytest.raises(UserError):
             study.gpu_groups(gpus, 2)
 

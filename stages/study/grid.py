@@ -195,6 +195,18 @@ def gpu_groups(gpus: list[str] | None, processes: int) -> list[str]:
     ids = [i for group in groups for i in group]
     if not all(ids) or len(set(ids)) != len(ids):
         raise UserError(f"--gpus {','.join(gpus)}: a GPU in two places, or an empty one")
+    malformed = [i for i in ids if not re.fullmatch(r"\d+|(GPU|MIG)-[0-9a-fA-F/-]+", i)]
+    if malformed:
+        raise UserError(f"--gpus {','.join(gpus)}: {malformed[0]!r} names no GPU: give indices (0,1) or UUIDs "
+                        "(GPU-...), as `nvidia-smi -L` lists them")
+    visible = visible_gpus()
+    absent = [i for i in ids if i not in visible]
+    if visible and absent:
+        raise UserError(f"--gpus {','.join(gpus)}: GPU {absent[0]} is not one of this machine's "
+                        f"({','.join(visible)}, as CUDA_VISIBLE_DEVICES names them)")
+    if not visible:  # still useful: the queue's per-GPU workers, each with its CUDA_VISIBLE_DEVICES, on the CPU
+        print(f"warning: no GPU is visible here: --gpus {','.join(gpus)} starts {len(groups)} workers on the CPU",
+              file=sys.stderr)
     short = [group for group in groups if len(group) < processes]
     if short:
         raise UserError(f"--gpus {'+'.join(short[0])}: finetune.processes is {processes}, so a fine-tune needs "
