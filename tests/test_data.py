@@ -246,6 +246,15 @@ def test_every_file_an_image_folder_holds_ends_in_one_line_or_is_skipped_and_cou
     assert manifest["splits"]["train"]["count"] + manifest["splits"]["val"]["count"] == 4 + used
 
 
+def test_a_class_whose_every_image_is_skipped_stops_prepare_data_in_one_line(project):
+    make_folder(project / "images")
+    for split in ("train", "test"):
+        (project / "images" / split / "bird").mkdir()
+        (project / "images" / split / "bird" / "empty.jpg").write_bytes(b"")
+    with pytest.raises(data.DataError, match=r"class bird has no usable image in the train split .*an empty file"):
+        prepare(folder_params(project, skip_unreadable=True))
+
+
 def test_an_image_is_turned_upright_by_its_exif_orientation(project):
     make_folder(project / "images", per_class=2, sizes=(32,))
     photo = np.zeros((32, 64, 3), np.uint8)
