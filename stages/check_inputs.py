@@ -67,9 +67,9 @@ def check_train_per_class(data: params.DataParams) -> None:
     again, where unreadable images may have been skipped)."""
     if data.train_per_class is None:
         return
-    if data.source == "imagefolder":
-        train = Path(data.root, "train")
-        sizes = {c.name: sum(1 for _ in files_under(Path(c.path), "")) for c in os.scandir(train) if c.is_dir()}
+    if data.source == "imagefolder":  # the image files of each class, dot files and litter left out
+        from stages import sources
+        sizes = {c: len(paths) for c, paths in sources.list_images(Path(data.root, "train"))[0].items()}
     elif data.source == "synthetic":
         sizes = {f"class_{c}": data.synthetic.train_per_class for c in range(data.synthetic.classes)}
     else:

@@ -78,6 +78,12 @@ def test_a_training_size_above_what_a_class_holds_is_refused_before_anything_run
         check_inputs.check_train_per_class(data_params(project, val_fraction=0.1, train_per_class=55))
     with pytest.raises(params.ParamError, match="data.train_per_class must be a positive integer"):
         data_params(project, train_per_class=0)
+    make_folder(project / "images", per_class=4)
+    for litter in (".DS_Store", "._0.jpg", "Thumbs.db"):  # not images: not counted
+        (project / "images/train/cat" / litter).write_bytes(b"")
+    check_inputs.check_train_per_class(folder_params(project, val_fraction=0, train_per_class=4))
+    with pytest.raises(params.ParamError, match="cat has 4 .got 5"):
+        check_inputs.check_train_per_class(folder_params(project, val_fraction=0, train_per_class=5))
 
 
 def prepare(data_params: params.DataParams) -> tuple[dict, dict]:
