@@ -87,8 +87,9 @@ def prepare(data: DataParams, folder: Path) -> dict:
     for name in ("train", "test"):
         missing = [c for i, c in enumerate(source.classes) if not (labels[name] == i).any()]
         if missing:
-            raise DataError(f"class {missing[0]} has no usable image in the {name} split (skipped: "
-                            f"{dict(skipped.get(name, {})) or 'none'}): give it images that can be used")
+            raise DataError(f"class {missing[0]} has no image left in the {name} split (skipped as unusable: "
+                            f"{dict(skipped.get(name, {})) or 'none'}; data.val_fraction carves val from the rest): "
+                            "give it more images that can be used, or lower data.val_fraction")
     manifest = {
         "source": data.source,
         "classes": source.classes,
@@ -232,17 +233,18 @@ def ignorable(entry: os.DirEntry) -> str | None:
 def opened(path: Path, max_pixels: int) -> Image.Image:
     """The image, its header read; Unusable, saying why, if it cannot be used."""
     try:
-        if path.stat().st_size == 0:
-            raise Unusable("an empty file")
-        image = Image.open(path)
+        empty = path.stat().st_size == 0
+        image = None if empty else Image.open(path)
     except FileNotFoundError:
         raise Unusable("a broken symlink" if path.is_symlink() else "gone") from None
     except PermissionError:
         raise Unusable("permission denied") from None
     except UnidentifiedImageError:
         raise Unusable("not an image that PIL reads") from None
-    except OSError as error:
+    except Exception as error:  # OSError, or what a damaged header makes a plugin raise (ValueError, SyntaxError)
         raise Unusable("unreadable", error.__class__.__name__) from None
+    if empty:
+        raise Unusable("an empty file")
     width, height = image.size
     if width * height > max_pixels:
         image.close()
@@ -270,8 +272,7 @@ def decode_images(paths, indices, side: int, skip_unreadable: bool, max_pixels: 
     for index in tqdm(indices, desc=f"decode {split}", unit="img", mininterval=2):
         try:
             with opened(paths[index], max_pixels) as image:
-                upright = ImageOps.exif_transpose(image)
-                array = np.asarray(resized_and_cropped(as_rgb(upright), side))
+                array = np.asarray(resized_and_cropped(as_rgb(upright(image)), side))
         except Unusable as error:
             unusable = error
         except Exception as error:  # whatever a damaged file makes PIL raise: OSError, SyntaxError, ValueError ...
@@ -283,6 +284,15 @@ def decode_images(paths, indices, side: int, skip_unreadable: bool, max_pixels: 
             fix = ", or raise data.max_image_pixels" if unusable.reason == "over data.max_image_pixels" else ""
             raise DataError(f"cannot use {paths[index]}: {unusable}: remove it, or set data.skip_unreadable: true{fix}")
         skipped[unusable.reason] += 1
+
+
+def upright(image: Image.Image) -> Image.Image:
+    """The image turned by its EXIF orientation; as stored when its EXIF cannot be read (the pixels
+    still can, and were used before orientation was applied)."""
+    try:
+        return ImageOps.exif_transpose(image)
+    except Exception:  # struct.error, TypeError, ValueError from a malformed EXIF block
+        return image
 
 
 def as_rgb(image: Image.Image) -> Image.Image:

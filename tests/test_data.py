@@ -4,6 +4,7 @@ import json
 import os
 import pickle
 import re
+import struct
 import tempfile
 from collections import Counter
 from pathlib import Path
@@ -215,6 +216,7 @@ def litter_and_unusable_files(root: Path) -> dict[str, int]:
     (root / "train" / ".hidden_folder").mkdir()
     (cat / "empty.jpg").write_bytes(b"")
     (cat / "heic_or_text.png").write_text("not an image, whatever its extension says")
+    (cat / "bad_header.ppm").write_bytes(b"P6\n4| 3\n255\n")  # PIL's PPM plugin raises ValueError on it
     whole = io.BytesIO()
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(whole, "JPEG")
     (cat / "truncated.jpg").write_bytes(whole.getvalue()[: len(whole.getvalue()) // 2])
@@ -225,7 +227,7 @@ def litter_and_unusable_files(root: Path) -> dict[str, int]:
     write_image(cat / "locked.png", 32, (200, 30, 30))
     (cat / "locked.png").chmod(0)
     readable_by_all = os.access(cat / "locked.png", os.R_OK)  # root reads it anyway
-    unusable = {"an empty file": 1, "not an image that PIL reads": 1, "cannot be decoded": 1,
+    unusable = {"an empty file": 1, "not an image that PIL reads": 1, "unreadable": 1, "cannot be decoded": 1,
                 "over data.max_image_pixels": 1, "a broken symlink": 1, "permission denied": 0 if readable_by_all else 1}
     return {reason: n for reason, n in unusable.items() if n}
 
@@ -234,7 +236,7 @@ def test_every_file_an_image_folder_holds_ends_in_one_line_or_is_skipped_and_cou
     make_folder(project / "images")
     unusable = litter_and_unusable_files(project / "images")
     set_params(project / "params.yaml", {**FAST, "data.source": "imagefolder", "data.root": "images",
-                                         "data.stored_size": 32, "data.max_image_pixels": 10_000})
+                                         "data.stored_size": None, "data.max_image_pixels": 10_000})
     with pytest.raises(SystemExit) as stopped:
         run_stage(prepare_data.main)
     err = capsys.readouterr().err
@@ -257,8 +259,17 @@ def test_a_class_whose_every_image_is_skipped_stops_prepare_data_in_one_line(pro
     for split in ("train", "test"):
         (project / "images" / split / "bird").mkdir()
         (project / "images" / split / "bird" / "empty.jpg").write_bytes(b"")
-    with pytest.raises(data.DataError, match=r"class bird has no usable image in the train split .*an empty file"):
+    with pytest.raises(data.DataError, match=r"class bird has no image left in the train split .*an empty file"):
         prepare(folder_params(project, skip_unreadable=True))
+
+
+def test_an_image_whose_exif_cannot_be_read_is_used_as_stored(monkeypatch):
+    def malformed(image):
+        raise struct.error("required argument is not an integer")  # what PIL raised on a damaged EXIF block
+
+    monkeypatch.setattr(sources.ImageOps, "exif_transpose", malformed)
+    image = Image.new("RGB", (4, 2))
+    assert sources.upright(image) is image
 
 
 def test_an_image_is_turned_upright_by_its_exif_orientation(project):

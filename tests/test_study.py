@@ -260,6 +260,8 @@ def test_gpus_are_grouped_for_a_fine_tune_with_several_processes(monkeypatch):
     assert study.gpu_groups(None, 1) == ["0", "1", "2", "3", "4"]
     assert study.gpu_groups(None, 2) == ["0,1", "2,3"]
     assert study.gpu_groups(["0+1", "2+3"], 2) == ["0,1", "2,3"] and study.gpu_groups(["4", "2"], 1) == ["4", "2"]
+    uuid, mig = "GPU-5c89a2b1-0d6e-4f1a-9b3c-2e7d8f9a0b1c", "MIG-GPU-5c89a2b1-0d6e-4f1a-9b3c-2e7d8f9a0b1c/7/0"
+    assert study.gpu_groups([uuid, mig], 1) == [uuid, mig]  # left to CUDA: the visible list names indices
     for gpus in (["0", "1"], ["0+1", "1+2"], ["0+"], ["abc"], ["5"]):
         with pytest.raises(UserError):
             study.gpu_groups(gpus, 2)

@@ -195,12 +195,13 @@ def gpu_groups(gpus: list[str] | None, processes: int) -> list[str]:
     ids = [i for group in groups for i in group]
     if not all(ids) or len(set(ids)) != len(ids):
         raise UserError(f"--gpus {','.join(gpus)}: a GPU in two places, or an empty one")
-    malformed = [i for i in ids if not re.fullmatch(r"\d+|(GPU|MIG)-[0-9a-fA-F/-]+", i)]
+    malformed = [i for i in ids if not re.fullmatch(r"\d+|(GPU|MIG)-[\w/-]+", i)]
     if malformed:
         raise UserError(f"--gpus {','.join(gpus)}: {malformed[0]!r} names no GPU: give indices (0,1) or UUIDs "
                         "(GPU-...), as `nvidia-smi -L` lists them")
     visible = visible_gpus()
-    absent = [i for i in ids if i not in visible]
+    # indices against indices; a UUID is left to CUDA, since the visible list names GPUs by index when unset
+    absent = [i for i in ids if i not in visible and (i.isdigit() == all(v.isdigit() for v in visible))]
     if visible and absent:
         raise UserError(f"--gpus {','.join(gpus)}: GPU {absent[0]} is not one of this machine's "
                         f"({','.join(visible)}, as CUDA_VISIBLE_DEVICES names them)")
