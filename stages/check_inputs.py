@@ -36,10 +36,11 @@ CIFAR_TRAIN_PER_CLASS = {"cifar10": 5000, "cifar100": 500}
 def main():
     p = params.load()
     check_model(p.model, p.data.image_size)
-    check_train_per_class(p.data)
+    train_counts = None
     if p.data.source == "imagefolder":  # its class folders, before DVC removes prepare-data's outputs
         from stages import sources
-        sources.list_splits(Path(p.data.root))
+        train_counts = {c: len(paths) for c, paths in sources.list_splits(Path(p.data.root))[1]["train"].items()}
+    check_train_per_class(p.data, train_counts)
     outputs.write_json(outputs.INPUTS / "source.json", source_fingerprint(p.data))
     outputs.write_json(outputs.INPUTS / "weights.json", weights_fingerprint(p.model, p.weights))
     print(f"params.yaml, {p.model} at {p.data.image_size} px and the inputs checked: {outputs.INPUTS}/ written")
@@ -61,15 +62,16 @@ def check_model(name: str, image_size: int) -> None:
     remember(KNOWN_MODELS, {registries: {**sizes, name: sorted({*sizes.get(name, []), image_size})}})
 
 
-def check_train_per_class(data: params.DataParams) -> None:
+def check_train_per_class(data: params.DataParams, train_counts: dict[str, int] | None = None) -> None:
     """data.train_per_class against the training images that each class will have after the cap and
     the validation carve, before DVC removes anything (the training stages check the prepared split
-    again, where unreadable images may have been skipped)."""
+    again, where unreadable images may have been skipped). `train_counts`: an image folder's image
+    files per class in train/, when the caller has listed it already."""
     if data.train_per_class is None:
         return
     if data.source == "imagefolder":  # the image files of each class, dot files and litter left out
         from stages import sources
-        sizes = {c: len(paths) for c, paths in sources.list_images(Path(data.root, "train"))[0].items()}
+        sizes = train_counts or {c: len(paths) for c, paths in sources.list_images(Path(data.root, "train"))[0].items()}
     elif data.source == "synthetic":
         sizes = {f"class_{c}": data.synthetic.train_per_class for c in range(data.synthetic.classes)}
     else:

@@ -41,7 +41,7 @@ def summary(time_s: float, images: int, train_images: int, trainable_params: int
 
 def time_s(strategy: str) -> float:
     """The training's seconds, as its summary records them."""
-    return outputs.read_json(outputs.LIVE[strategy] / "metrics.json")["time_s"]
+    return outputs.read_json(summary_file(strategy))["time_s"]
 
 
 def summary_file(strategy: str) -> Path:

@@ -200,14 +200,14 @@ def gpu_groups(gpus: list[str] | None, processes: int) -> list[str]:
         raise UserError(f"--gpus {','.join(gpus)}: {malformed[0]!r} names no GPU: give indices (0,1) or UUIDs "
                         "(GPU-...), as `nvidia-smi -L` lists them")
     visible = visible_gpus()
-    # indices against indices; a UUID is left to CUDA, since the visible list names GPUs by index when unset
-    absent = [i for i in ids if i not in visible and (i.isdigit() == all(v.isdigit() for v in visible))]
-    if visible and absent:
-        raise UserError(f"--gpus {','.join(gpus)}: GPU {absent[0]} is not one of this machine's "
-                        f"({','.join(visible)}, as CUDA_VISIBLE_DEVICES names them)")
     if not visible:  # still useful: the queue's per-GPU workers, each with its CUDA_VISIBLE_DEVICES, on the CPU
         print(f"warning: no GPU is visible here: --gpus {','.join(gpus)} starts {len(groups)} workers on the CPU",
               file=sys.stderr)
+    # indices against indices; a UUID given where the GPUs are named by index is CUDA's to resolve
+    absent = [i for i in ids if visible and i.isdigit() == visible[0].isdigit() and i not in visible]
+    if absent:
+        raise UserError(f"--gpus {','.join(gpus)}: GPU {absent[0]} is not one of this machine's "
+                        f"({','.join(visible)}, as CUDA_VISIBLE_DEVICES names them)")
     short = [group for group in groups if len(group) < processes]
     if short:
         raise UserError(f"--gpus {'+'.join(short[0])}: finetune.processes is {processes}, so a fine-tune needs "
@@ -372,7 +372,7 @@ def stop(names: list[str]) -> None:
 
 
 def record_for(cell: dict, workspace: dict, records: list[dict]) -> dict:
-    """The cell's best experiment (experiments.most_advanced); a cell with none keeps its row, not run."""
+    """The cell's most advanced experiment (a success first); a cell with none keeps its row, not run."""
     found = matching(cell, workspace, records)
     if found:
         return experiments.most_advanced(found)
