@@ -18,7 +18,8 @@ from types import SimpleNamespace
 
 import torch
 
-from stages import backbones, devices, inputs
+from stages.data import inputs
+from stages.model import backbones, devices
 from stages.cache_features import feature_dim, prepare_body, write_features
 
 

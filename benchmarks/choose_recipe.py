@@ -24,7 +24,7 @@ from pathlib import Path
 
 import yaml
 
-from stages import outputs
+from stages.pipeline import outputs
 from stages.study import protocols
 from stages.study.experiments import nest
 

@@ -10,7 +10,7 @@ finetune.unfreeze, train_heads.trainable. Each stage's functions are called as t
 them, on the N images:
 
     cache-features  inputs.image_inputs + cache_features.write_features: host uint8 -> fp16 .npy
-    train-heads     loop.fit on head_training.feature_batches of fp16 features on the device
+    train-heads     loop.fit on heads.feature_batches of fp16 features on the device
     finetune        loop.fit on finetune's batches (augment, model_input), checkpoints as params.yaml sets them
     evaluate        inputs.image_inputs + inference.predict: host uint8 -> logits on the host
 
@@ -42,10 +42,13 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from stages import backbones, devices, finetuning, head_training, inference, inputs, loop, params
-from stages.checkpoints import Checkpoints
+from stages.data import inputs
+from stages.model import backbones, devices, inference
+from stages.pipeline import params
+from stages.training import finetuning, heads, loop
+from stages.training.checkpoints import Checkpoints
 from stages.cache_features import feature_dim, prepare_body, write_features
-from stages.head_training import feature_batches, load_features
+from stages.training.heads import feature_batches, load_features
 
 SIZES = {"small": {"models": "alexnet", "image_size": 64, "images": 1024},  # 4 batches of 256 per split
          "full": {"models": "alexnet,vgg16,timm/tf_efficientnet_lite0", "image_size": 224, "images": 20480}}
@@ -133,7 +136,7 @@ def cache_features_runs(network, images, labels, p, s):
 
 def train_heads_runs(network, images, labels, p, s):
     cfg = replace(p.train_heads, epochs=TIMED_EPOCHS, batch_size=batch_of(s, p.train_heads.batch_size))
-    head_training.set_head_trainable(network, cfg.trainable)
+    heads.set_head_trainable(network, cfg.trainable)
     head = network.head.to(s.device)
     dim = next(m for m in head.modules() if isinstance(m, nn.Linear)).in_features
     features = torch.rand(len(images), dim, device=s.device).half()  # what load_features puts on the device
@@ -267,7 +270,7 @@ def naive_feature_extraction(network, images, labels, p, s: Setup, epochs: int) 
     batches = torch.utils.data.DataLoader(PILImages(images, labels, transform), batch_size=cfg.batch_size,
                                           shuffle=True, num_workers=NAIVE_WORKERS if on_gpu else 0)
     network.body.requires_grad_(False)
-    head_training.set_head_trainable(network, "last")
+    heads.set_head_trainable(network, "last")
     model = devices.place(network.model, s.device)
     started = time.perf_counter()
     optimizer = loop.make_optimizer(cfg, [{"params": [t for t in model.parameters() if t.requires_grad],
@@ -298,7 +301,7 @@ def our_feature_extraction(network, images, labels, p, s: Setup, epochs: int) ->
     batches = inputs.image_inputs(images, network.preprocess, s.image_size, s.crop_pct, batch, s.device)
     write_features(body, batches, len(images), batch, dim, path, s.device, "cache")
     features, targets = load_features(path, s.device), labels.to(s.device)
-    head_training.set_head_trainable(network, "last")
+    heads.set_head_trainable(network, "last")
     head = network.head.to(s.device)
     groups = [{"params": [t for t in head.parameters() if t.requires_grad], "lr": cfg.lr}]
     loop.fit(loop.Training(head, groups, lambda generator: feature_batches(

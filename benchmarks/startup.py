@@ -33,14 +33,14 @@ def main():
     parser.add_argument("--runs", type=int, default=5)
     args = parser.parse_args()
     rows = [("params.load()", seconds_in_fresh_process(
-        "from stages import params; params.load()", runs=args.runs))]
+        "from stages.pipeline import params; params.load()", runs=args.runs))]
     for name in STAGES:
         rows.append((f"import stages.{name}", seconds_in_fresh_process(f"import stages.{name}", runs=args.runs)))
     for model in args.models.split(","):
         rows.append((f"params.check_model_name({model!r}), uncached", seconds_in_fresh_process(
-            f"params.check_model_name({model!r})", setup="from stages import params", runs=args.runs)))
+            f"params.check_model_name({model!r})", setup="from stages.pipeline import params", runs=args.runs)))
         rows.append((f"backbones.build({model!r}), 224 px", seconds_in_fresh_process(
-            f"backbones.build({model!r}, 'none', 10, 224)", setup="from stages import backbones", runs=args.runs)))
+            f"backbones.build({model!r}, 'none', 10, 224)", setup="from stages.model import backbones", runs=args.runs)))
     print(f"| step (fresh process, median of {args.runs}) | seconds |\n|---|---:|")
     for name, seconds in rows:
         print(f"| {name} | {seconds:.3f} |")

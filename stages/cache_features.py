@@ -17,8 +17,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from stages import backbones, data, devices, inputs, outputs, params
-from stages.errors import UserError, run_stage
+from stages.data import arrays, inputs
+from stages.model import backbones, devices
+from stages.pipeline import outputs, params
+from stages.pipeline.errors import UserError, run_stage
 
 IN_FLIGHT = 3  # batches whose copy to the host and disk write may still be running
 
@@ -32,11 +34,11 @@ def main():
     outputs.require(outputs.PREPARED / "manifest.json")
     outputs.fresh_folder(outputs.FEATURES)
     device = devices.setup(p.device)
-    network = backbones.build(p.model, p.weights, data.num_classes(outputs.PREPARED), p.data.image_size)
+    network = backbones.build(p.model, p.weights, arrays.num_classes(outputs.PREPARED), p.data.image_size)
     body = prepare_body(network.body, device)
     jobs = [("train", False), ("train", True), ("val", False), ("test", False)]
     jobs = [(split, flip) for split, flip in jobs if p.features.flip or not flip]
-    images = {split: data.open_split(outputs.PREPARED, split)[0] for split in data.SPLITS}
+    images = {split: arrays.open_split(outputs.PREPARED, split)[0] for split in arrays.SPLITS}
     dim = feature_dim(body, network.preprocess, p.data, device)
     check_free_space(outputs.FEATURES, sum(len(images[split]) for split, _ in jobs) * dim * 2)
     fast_body = devices.maybe_compile(body, p.compile)

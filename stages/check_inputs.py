@@ -23,8 +23,8 @@ from typing import Iterator
 from configobj import ConfigObj  # DVC's own config reader
 from tqdm import tqdm
 
-from stages import outputs, params
-from stages.errors import run_stage
+from stages.pipeline import outputs, params
+from stages.pipeline.errors import run_stage
 
 KNOWN_MODELS = "known_models.json"  # model names and image sizes already checked, per registry version
 FILE_HASHES = "file_hashes.json"  # {the last image folder hashed: {file: "inode:size:mtime_ns:sha256"}}
@@ -38,7 +38,7 @@ def main():
     check_model(p.model, p.data.image_size)
     train_counts = None
     if p.data.source == "imagefolder":  # its class folders, before DVC removes prepare-data's outputs
-        from stages import sources
+        from stages.data import sources
         train_counts = {c: len(paths) for c, paths in sources.list_splits(Path(p.data.root))[1]["train"].items()}
     check_train_per_class(p.data, train_counts)
     outputs.write_json(outputs.INPUTS / "source.json", source_fingerprint(p.data))
@@ -57,7 +57,7 @@ def check_model(name: str, image_size: int) -> None:
         return
     if name not in sizes:
         params.check_model_name(name)
-    from stages import backbones  # torch, only when a model or size is new
+    from stages.model import backbones  # torch, only when a model or size is new
     backbones.check_image_size(name, image_size)
     remember(KNOWN_MODELS, {registries: {**sizes, name: sorted({*sizes.get(name, []), image_size})}})
 
@@ -70,7 +70,7 @@ def check_train_per_class(data: params.DataParams, train_counts: dict[str, int] 
     if data.train_per_class is None:
         return
     if data.source == "imagefolder":  # the image files of each class, dot files and litter left out
-        from stages import sources
+        from stages.data import sources
         sizes = train_counts or {c: len(paths) for c, paths in sources.list_images(Path(data.root, "train"))[0].items()}
     elif data.source == "synthetic":
         sizes = {f"class_{c}": data.synthetic.train_per_class for c in range(data.synthetic.classes)}

@@ -16,8 +16,10 @@ import os
 import numpy as np
 import torch
 
-from stages import backbones, data, devices, figures, inference, inputs, outputs, params, trained
-from stages.errors import UserError, run_stage
+from stages.data import arrays, inputs
+from stages.model import backbones, devices, inference
+from stages.pipeline import figures, outputs, params, trained
+from stages.pipeline.errors import UserError, run_stage
 
 GRID_IMAGES = 32  # test images in the predictions figure
 MIN_AGREEMENT = 0.95  # a stale cache agrees far less; bf16 on the GPU flips a few near-ties
@@ -29,8 +31,8 @@ def main():
                     outputs.FEATURE_METRICS,
                     *([outputs.FEATURES / "manifest.json"] if p.strategy == "feature_extraction" else []))
     device = devices.setup(p.device)
-    classes = data.load_manifest(outputs.PREPARED)["classes"]
-    images, labels = data.open_split(outputs.PREPARED, "test")
+    classes = arrays.load_manifest(outputs.PREPARED)["classes"]
+    images, labels = arrays.open_split(outputs.PREPARED, "test")
     probe_layer = p.train_heads.probe_layer if p.strategy == "feature_extraction" else "penultimate"
     network = backbones.build(p.model, p.weights, len(classes), p.data.image_size, probe_layer)
     trained.load_into(network, p.strategy)

@@ -8,7 +8,7 @@
     python -m stages.finetune --join     # on each other node: same commit, params.yaml and data/prepared
 
 finetune.unfreeze: all trains every layer, as the study's notebook did; N trains the last N
-blocks. data.train_per_class draws that many training images of each class (data.train_subset:
+blocks. data.train_per_class draws that many training images of each class (arrays.train_subset:
 nested across sizes, seeded by seed). An epoch is a pass over them, or finetune.min_steps /
 finetune.epochs steps if that is more (passes, each shuffled anew). The unfrozen blocks learn at finetune.backbone_lr, the classifier at finetune.lr.
 Images are flipped and cropped on the device at their stored size (if asked), then resized.
@@ -16,7 +16,7 @@ A checkpoint at the end of an epoch, at most one per finetune.checkpoint_interva
 .checkpoints/finetune/<fingerprint>/ (outside DVC's outputs, so that the stage stays in the
 run-cache), lets an interrupted run resume: rerun the stage and it goes on from the last
 checkpointed epoch; it is deleted when the stage completes.
-Under torchrun (finetune.processes, finetune.nodes: stages/torchrun.py), every process holds all
+Under torchrun (finetune.processes, finetune.nodes: stages/training/distributed.py), every process holds all
 the uint8 images on its device and draws the same seeded global batches; each trains on its
 share of every batch, so the global batch stays finetune.batch_size.
 Writes models/finetune/model.pt and DVCLive's record to live/finetune/.
@@ -24,8 +24,9 @@ Writes models/finetune/model.pt and DVCLive's record to live/finetune/.
 import sys
 from pathlib import Path
 
-from stages import outputs, params, torchrun
-from stages.errors import UserError
+from stages.pipeline import outputs, params
+from stages.training import distributed
+from stages.pipeline.errors import UserError
 
 OUT, LIVE = outputs.MODELS["finetune"], outputs.LIVE["finetune"]
 CHECKPOINTS = Path(".checkpoints/finetune")
@@ -43,9 +44,9 @@ def main():
         outputs.write_skipped(OUT, p.strategy, LIVE)
         return
     outputs.require(outputs.PREPARED / "manifest.json")
-    from stages import finetuning
+    from stages.training import finetuning
     finetuning.train(p, joining)
 
 
 if __name__ == "__main__":
-    torchrun.run_stage(main)
+    distributed.run_stage(main)

@@ -7,15 +7,16 @@ time: memory does not grow with the data. The same params (data.split_seed among
 training seed is not) give byte-identical files.
 """
 
-from stages import data, outputs, params, sources
-from stages.errors import run_stage
+from stages.data import arrays, sources
+from stages.pipeline import outputs, params
+from stages.pipeline.errors import run_stage
 
 
 def main():
     p = params.load()
     with outputs.replaced(outputs.PREPARED) as partial:
         manifest = sources.prepare(p.data, partial)
-    counts = ", ".join(f"{name} {manifest['splits'][name]['count']}" for name in data.SPLITS)
+    counts = ", ".join(f"{name} {manifest['splits'][name]['count']}" for name in arrays.SPLITS)
     print(f"prepared {p.data.source}: {counts} images in {len(manifest['classes'])} classes, "
           f"stored at {manifest['stored_size']['side']} px")
 

@@ -44,20 +44,21 @@ def test_a_missing_or_extra_dep_is_named(tmp_path):
     stages = tmp_path / "stages"
     stages.mkdir()
     (stages / "first.py").write_text("from stages import helper\nimport stages.other\n")
-    (stages / "helper.py").write_text("from stages.errors import UserError\n")
+    (stages / "helper.py").write_text("from stages.pipeline.errors import UserError\n")
     (stages / "other.py").write_text("")
-    (stages / "errors.py").write_text("")
+    (stages / "pipeline").mkdir()
+    (stages / "pipeline" / "errors.py").write_text("")
     (stages / "unused.py").write_text("")
     dvc_yaml = {"stages": {"first": {"cmd": "python -m stages.first",
                                      "deps": ["data/x", "stages/first.py", "stages/helper.py", "stages/unused.py"]}}}
     assert dep_mismatches(dvc_yaml, tmp_path) == [
-        "first: imports stages/errors.py but does not list it in deps",
         "first: imports stages/other.py but does not list it in deps",
+        "first: imports stages/pipeline/errors.py but does not list it in deps",
         "first: lists stages/unused.py in deps but does not import it"]
 
 
 def test_every_output_in_dvc_yaml_is_one_that_stages_outputs_declares():
-    from stages import outputs
+    from stages.pipeline import outputs
 
     declared = {outputs.INPUTS, outputs.PREPARED, outputs.FEATURES, outputs.FEATURE_METRICS, outputs.METRICS,
                 *outputs.MODELS.values(), *outputs.LIVE.values()}

@@ -14,8 +14,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from stages import check_inputs, data, params, prepare_data, sources
-from stages.errors import run_stage
+from stages import check_inputs, prepare_data
+from stages.data import arrays, sources
+from stages.pipeline import params
+from stages.pipeline.errors import run_stage
 from tests.conftest import CIFAR_JPEG, FAST, needs_shared, set_params, unpack_cifar_jpeg
 
 
@@ -25,21 +27,21 @@ def data_params(project, **changes) -> params.DataParams:
 
 
 def test_synthetic_source_is_seeded_balanced_and_split(project):
-    arrays, manifest = prepare(data_params(project, val_fraction=0.1))
+    prepared, manifest = prepare(data_params(project, val_fraction=0.1))
     again, _ = prepare(data_params(project, val_fraction=0.1))
     other, _ = prepare(data_params(project, val_fraction=0.1, split_seed=1))
-    assert all(np.array_equal(arrays[s][0], again[s][0]) for s in data.SPLITS)
-    assert not np.array_equal(arrays["train"][0], other["train"][0])
+    assert all(np.array_equal(prepared[s][0], again[s][0]) for s in arrays.SPLITS)
+    assert not np.array_equal(prepared["train"][0], other["train"][0])
     assert manifest["splits"]["train"]["count"] == 540 and manifest["splits"]["val"]["count"] == 60
     assert set(manifest["splits"]["val"]["per_class"].values()) == {6}
     assert manifest["splits"]["test"]["count"] == 300
-    assert arrays["train"][0].shape == (540, 32, 32, 3) and arrays["train"][0].dtype == np.uint8
+    assert prepared["train"][0].shape == (540, 32, 32, 3) and prepared["train"][0].dtype == np.uint8
 
 
 def test_synthetic_classes_differ_but_overlap(project):
     """A nearest-class-mean classifier on raw pixels beats chance, but is far from perfect."""
-    arrays, _ = prepare(data_params(project))
-    (train, train_y), (test, test_y) = arrays["train"], arrays["test"]
+    prepared, _ = prepare(data_params(project))
+    (train, train_y), (test, test_y) = prepared["train"], prepared["test"]
     means = np.stack([train[train_y == c].reshape(-1, 32 * 32 * 3).mean(0) for c in range(10)])
     distances = ((test.reshape(len(test), -1)[:, None, :] - means[None]) ** 2).sum(-1)
     accuracy = (distances.argmin(1) == test_y).mean()
@@ -48,29 +50,29 @@ def test_synthetic_classes_differ_but_overlap(project):
 
 def test_cap_per_class_takes_the_first_n_in_a_seeded_order():
     labels = np.repeat(np.arange(3), 10)
-    chosen = sources.cap_per_class(labels, 4, data.rng(0, "x"))
+    chosen = sources.cap_per_class(labels, 4, arrays.rng(0, "x"))
     assert np.bincount(labels[chosen]).tolist() == [4, 4, 4] and np.all(np.diff(chosen) > 0)
-    assert np.array_equal(chosen, sources.cap_per_class(labels, 4, data.rng(0, "x")))
-    assert not np.array_equal(chosen, sources.cap_per_class(labels, 4, data.rng(1, "x")))
-    more = sources.cap_per_class(labels, 6, data.rng(0, "x"))
+    assert np.array_equal(chosen, sources.cap_per_class(labels, 4, arrays.rng(0, "x")))
+    assert not np.array_equal(chosen, sources.cap_per_class(labels, 4, arrays.rng(1, "x")))
+    more = sources.cap_per_class(labels, 6, arrays.rng(0, "x"))
     assert set(chosen) <= set(more)
 
 
 def test_training_subsets_are_balanced_nested_seeded_and_leave_val_and_test_whole(project):
-    arrays, _ = prepare(data_params(project, val_fraction=0.1))
+    prepared, _ = prepare(data_params(project, val_fraction=0.1))
     folder = next(Path(".").glob("tmp*/prepared"))
-    labels = arrays["train"][1]
+    labels = prepared["train"][1]
     names = [f"class_{c}" for c in range(10)]
-    small, large = (data.train_subset(labels, n, 0, names) for n in (5, 20))
+    small, large = (arrays.train_subset(labels, n, 0, names) for n in (5, 20))
     assert np.bincount(labels[small]).tolist() == [5] * 10 and np.bincount(labels[large]).tolist() == [20] * 10
     assert set(small) <= set(large) and np.all(np.diff(large) > 0)
-    assert np.array_equal(small, data.train_subset(labels, 5, 0, names))
-    assert not np.array_equal(small, data.train_subset(labels, 5, 1, names))  # seeds average over subsets
-    images, subset_labels = data.open_train_subset(folder, 5, 0)
-    assert np.array_equal(images, arrays["train"][0][small]) and np.array_equal(subset_labels, labels[small])
-    assert data.open_train_subset(folder, None, 0)[0].shape == arrays["train"][0].shape
-    with pytest.raises(data.DataError, match="class_0 has only 54 training images"):
-        data.train_subset(labels, 55, 0, names)
+    assert np.array_equal(small, arrays.train_subset(labels, 5, 0, names))
+    assert not np.array_equal(small, arrays.train_subset(labels, 5, 1, names))  # seeds average over subsets
+    images, subset_labels = arrays.open_train_subset(folder, 5, 0)
+    assert np.array_equal(images, prepared["train"][0][small]) and np.array_equal(subset_labels, labels[small])
+    assert arrays.open_train_subset(folder, None, 0)[0].shape == prepared["train"][0].shape
+    with pytest.raises(arrays.DataError, match="class_0 has only 54 training images"):
+        arrays.train_subset(labels, 55, 0, names)
 
 
 def test_a_training_size_above_what_a_class_holds_is_refused_before_anything_runs(project):
@@ -91,7 +93,7 @@ def prepare(data_params: params.DataParams) -> tuple[dict, dict]:
     """data.prepare into a new folder: ({split: (images, labels)}, manifest)."""
     folder = Path(tempfile.mkdtemp(dir=".")) / "prepared"
     manifest = sources.prepare(data_params, folder)
-    return {name: tuple(np.array(a) for a in data.open_split(folder, name)) for name in data.SPLITS}, manifest
+    return {name: tuple(np.array(a) for a in arrays.open_split(folder, name)) for name in arrays.SPLITS}, manifest
 
 
 def test_prepare_data_writes_byte_identical_files(project):
@@ -140,7 +142,7 @@ def test_cifar_is_read_by_torchvision_channel_last(project, monkeypatch, source,
     assert src.splits["train"].labels[:20].tolist() == batch[label_key]
     assert len(src.splits["test"].labels) == 20
     (first.parent / "test_batch" if source == "cifar10" else first.parent / "test").write_bytes(b"truncated")
-    with pytest.raises(data.DataError, match=r"could not get .* put it in data/raw/"):  # corrupt, and offline
+    with pytest.raises(arrays.DataError, match=r"could not get .* put it in data/raw/"):  # corrupt, and offline
         monkeypatch.setattr("torchvision.datasets.utils.urllib.request.urlopen", offline)
         sources.open_source(data_params(project, source=source))
 
@@ -151,7 +153,7 @@ def offline(*args, **kwargs):
 
 def test_cifar_offline_without_the_archive_says_where_to_put_it(project, monkeypatch):
     monkeypatch.setattr("torchvision.datasets.utils.urllib.request.urlopen", offline)
-    with pytest.raises(data.DataError, match=r"put it in data/raw/ .* data.source=imagefolder or synthetic"):
+    with pytest.raises(arrays.DataError, match=r"put it in data/raw/ .* data.source=imagefolder or synthetic"):
         sources.open_source(data_params(project, source="cifar10"))
 
 
@@ -175,10 +177,10 @@ def folder_params(project, **changes):
 def test_imagefolder_reads_any_case_any_size_and_carves_val(project):
     make_folder(project / "images", per_class=10)
     (project / "images/train/cat/notes.txt").write_text("not an image")
-    arrays, manifest = prepare(folder_params(project, val_fraction=0.2))
+    prepared, manifest = prepare(folder_params(project, val_fraction=0.2))
     assert manifest["classes"] == ["cat", "dog"]
-    assert {s: manifest["splits"][s]["count"] for s in data.SPLITS} == {"train": 16, "val": 4, "test": 20}
-    images, labels = arrays["test"]
+    assert {s: manifest["splits"][s]["count"] for s in arrays.SPLITS} == {"train": 16, "val": 4, "test": 20}
+    images, labels = prepared["test"]
     assert images.shape == (20, 32, 32, 3)
     assert images[labels == 0][:, :, :, 0].mean() > 150 and images[labels == 1][:, :, :, 2].mean() > 150
 
@@ -186,20 +188,20 @@ def test_imagefolder_reads_any_case_any_size_and_carves_val(project):
 def test_imagefolder_uses_its_own_val_split(project):
     make_folder(project / "images", splits=("train", "val", "test"))
     _, manifest = prepare(folder_params(project))
-    assert {s: manifest["splits"][s]["count"] for s in data.SPLITS} == {"train": 8, "val": 8, "test": 8}
+    assert {s: manifest["splits"][s]["count"] for s in arrays.SPLITS} == {"train": 8, "val": 8, "test": 8}
 
 
 def test_imagefolder_splits_must_have_the_same_classes(project):
     make_folder(project / "images")
     write_image(project / "images/test/bird/0.png", 32, (0, 200, 0))
-    with pytest.raises(data.DataError, match="has classes .*bird.*every split needs the same class folders"):
+    with pytest.raises(arrays.DataError, match="has classes .*bird.*every split needs the same class folders"):
         prepare(folder_params(project))
 
 
 def test_an_unreadable_image_is_named_or_skipped_and_counted(project):
     make_folder(project / "images")
     (project / "images/train/dog/broken.jpg").write_bytes(b"not a jpeg")
-    with pytest.raises(data.DataError, match=r"cannot use .*broken.jpg: not an image that PIL reads: .*skip_unreadable: true"):
+    with pytest.raises(arrays.DataError, match=r"cannot use .*broken.jpg: not an image that PIL reads: .*skip_unreadable: true"):
         prepare(folder_params(project))
     _, manifest = prepare(folder_params(project, skip_unreadable=True,
                                                   val_fraction=0.25))
@@ -259,7 +261,7 @@ def test_a_class_whose_every_image_is_skipped_stops_prepare_data_in_one_line(pro
     for split in ("train", "test"):
         (project / "images" / split / "bird").mkdir()
         (project / "images" / split / "bird" / "empty.jpg").write_bytes(b"")
-    with pytest.raises(data.DataError, match=r"class bird has no image left in the train split .*an empty file"):
+    with pytest.raises(arrays.DataError, match=r"class bird has no image left in the train split .*an empty file"):
         prepare(folder_params(project, skip_unreadable=True))
 
 
@@ -279,8 +281,8 @@ def test_an_image_is_turned_upright_by_its_exif_orientation(project):
     exif = Image.Exif()
     exif[0x0112] = 6  # Orientation: rotate 90° clockwise to display
     Image.fromarray(photo).save(project / "images/test/cat/rotated.jpg", exif=exif, quality=95)
-    arrays, _ = prepare(data_params(project, source="imagefolder", root="images", image_size=32, crop_pct=1.0))
-    images, labels = arrays["test"]
+    prepared, _ = prepare(data_params(project, source="imagefolder", root="images", image_size=32, crop_pct=1.0))
+    images, labels = prepared["test"]
     upright = images[-3]  # test/cat: 0.jpg, 1.JPEG, rotated.jpg (sorted), then dog's
     assert upright[:8].mean() > 200 and upright[-8:].mean() < 50  # turned: the white half is now on top
 
@@ -308,14 +310,14 @@ def test_a_folder_structure_mistake_stops_check_inputs_in_one_line(project, caps
 
 def test_an_empty_split_is_an_error(project):
     make_folder(project / "images", per_class=2)
-    with pytest.raises(data.DataError, match="the val split is empty"):
+    with pytest.raises(arrays.DataError, match="the val split is empty"):
         prepare(folder_params(project, val_fraction=0.1))
 
 
 def test_a_folder_of_one_square_size_is_stored_at_that_size(project):
     make_folder(project / "images", per_class=4, sizes=(64,))
-    arrays, manifest = prepare(data_params(project, source="imagefolder", root="images", val_fraction=0.25))
-    assert arrays["train"][0].shape[1:] == (64, 64, 3)
+    prepared, manifest = prepare(data_params(project, source="imagefolder", root="images", val_fraction=0.25))
+    assert prepared["train"][0].shape[1:] == (64, 64, 3)
     assert manifest["stored_size"] == {"side": 64, "chosen_by": "the images' own size (all of them are this size)"}
 
 
@@ -342,10 +344,10 @@ def test_a_folder_of_any_sizes_and_modes_runs_with_the_defaults(project):
                 mixed_image(shape, mode, i).save(path)
     set_params(project / "params.yaml", {"data.source": "imagefolder", "data.root": "images",
                                          "data.image_size": 48, "data.crop_pct": 0.75, "data.limit_per_class": None})
-    arrays, manifest = prepare(params.load().data)  # stored_size: null, as in params.yaml
+    prepared, manifest = prepare(params.load().data)  # stored_size: null, as in params.yaml
     assert manifest["stored_size"] == {"side": 64, "enlarged": 2 * 5 * 2 * 2,  # 7×9 and 32×32: 2 shapes, 5 modes, 2 classes, 2 splits
                                        "chosen_by": "data.image_size / data.crop_pct, since the images differ in size"}
-    images = arrays["train"][0]
+    images = prepared["train"][0]
     assert images.shape == (40, 64, 64, 3) and manifest["splits"]["test"]["count"] == 40
     assert all(np.ptp(image) > 50 for image in images)  # no mode came out blank or clipped white (16-bit)
 
@@ -363,9 +365,9 @@ def test_a_non_square_image_is_resized_by_its_shorter_side_and_center_cropped_as
 
 
 def test_no_validation_split_with_val_fraction_zero(project):
-    arrays, manifest = prepare(data_params(project, val_fraction=0))
+    prepared, manifest = prepare(data_params(project, val_fraction=0))
     assert manifest["splits"]["val"]["count"] == 0 and manifest["splits"]["train"]["count"] == 600
-    assert arrays["val"][0].shape == (0, 32, 32, 3)
+    assert prepared["val"][0].shape == (0, 32, 32, 3)
 
 
 @needs_shared(CIFAR_JPEG)
@@ -374,7 +376,7 @@ def test_the_cifar10_jpeg_copy_as_an_image_folder(project, tmp_path):
     _, manifest = prepare(data_params(project, source="imagefolder", root=str(root), limit_per_class=20,
                                            val_fraction=0.1))
     assert manifest["classes"][:3] == ["airplane", "automobile", "bird"] and len(manifest["classes"]) == 10
-    assert {s: manifest["splits"][s]["count"] for s in data.SPLITS} == {"train": 180, "val": 20, "test": 200}
+    assert {s: manifest["splits"][s]["count"] for s in arrays.SPLITS} == {"train": 180, "val": 20, "test": 200}
 
 
 def test_an_image_folders_hash_reads_only_the_files_whose_size_or_time_changed(project):

@@ -7,7 +7,9 @@ import torch.nn.functional as F
 import torchvision
 from PIL import Image
 
-from stages import augment, data, finetuning, inputs, params
+from stages.data import arrays, augment, inputs
+from stages.pipeline import params
+from stages.training import finetuning
 from tests.conftest import CIFAR_JPEG, needs_shared, unpack_cifar_jpeg
 
 PRE = inputs.Preprocess((0.5, 0.5, 0.5), (0.25, 0.25, 0.25), "bicubic")
@@ -145,7 +147,7 @@ def test_a_memory_mapped_split_gives_the_batches_of_the_same_images_in_memory(tm
     images = torch.randint(0, 256, (37, 8, 8, 3), dtype=torch.uint8)
     np.save(tmp_path / "x_images.npy", images.numpy())
     np.save(tmp_path / "x_labels.npy", np.arange(37))
-    mapped, labels = data.open_split(tmp_path, "x")
+    mapped, labels = arrays.open_split(tmp_path, "x")
     cpu = torch.device("cpu")
     from_file = [(x.clone(), n) for x, n in inputs.image_inputs(mapped, PRE, 8, 1.0, 16, cpu, flip=True)]
     in_memory = list(inputs.image_inputs(images, PRE, 8, 1.0, 16, cpu, flip=True))

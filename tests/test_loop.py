@@ -4,9 +4,10 @@ import pytest
 import torch
 from torch import nn
 
-from stages import inference, loop
-from stages.checkpoints import Checkpoints, host_copy
-from stages.params import TrainParams
+from stages.model import inference
+from stages.training import loop
+from stages.training.checkpoints import Checkpoints, host_copy
+from stages.pipeline.params import TrainParams
 from tests.conftest import write_malicious
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from stages.study import remotes
-from stages.errors import UserError
+from stages.pipeline.errors import UserError
 from tests.conftest import CHANCE, LEARNS, TINY, processes_in, ran_stages, run, set_params
 
 STUDY = [sys.executable, "-m", "stages.study", "--models", "alexnet", "--seeds", "0,1", *TINY]

@@ -5,7 +5,7 @@ import sys
 import pytest
 import yaml
 
-from stages import params
+from stages.pipeline import params
 from stages.study import protocols
 from tests.conftest import FAST, set_params, stage
 
@@ -31,7 +31,7 @@ def test_every_protocol_sets_the_same_keys_and_each_is_valid(project):
 
 
 def test_loading_imports_no_model_registry():  # its time: python -m benchmarks.startup
-    result = stage_in_fresh_python("import sys; from stages import params; params.load(); "
+    result = stage_in_fresh_python("import sys; from stages.pipeline import params; params.load(); "
                                    "print(sorted({'torch', 'torchvision', 'timm'} & set(sys.modules)))")
     assert result.strip() == "[]"
 

@@ -9,8 +9,9 @@ import time
 import pytest
 import yaml
 
-from stages import cache_features, outputs
-from stages.errors import UserError
+from stages import cache_features
+from stages.pipeline import outputs
+from stages.pipeline.errors import UserError
 from tests.conftest import (CHANCE, FAST, LEARNS, processes_in, ran_stages, restored_stages, run, set_params, stage,
                             write_malicious)
 
@@ -124,10 +125,10 @@ def test_identical_runs_give_identical_outputs_a_kill_9_recovers_and_a_code_edit
         assert len(re.findall(rf'<img[^>]*{png}', html)) == 1, png
 
     # an edit to code that only one stage imports changes only that stage's deps
-    edit_function(dvc_project / "stages/finetuning.py", "def set_trainable(")
+    edit_function(dvc_project / "stages/training/finetuning.py", "def set_trainable(")
     assert changed_stages() == {"check-inputs", "finetune"}  # check-inputs: always_changed
     assert ran_stages(run("dvc", "repro").stdout) == ["check-inputs", "finetune"]  # the same skipped note: no evaluate
-    edit_function(dvc_project / "stages/sources.py", "def as_rgb(")
+    edit_function(dvc_project / "stages/data/sources.py", "def as_rgb(")
     assert changed_stages() == {"check-inputs", "prepare-data"}
 
 

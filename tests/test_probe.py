@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from stages import probe
+from stages.training import probe
 from tests.conftest import LEARNS, run, set_params, stage
 
 PROBE = {**LEARNS, "train_heads.solver": "lbfgs", "train_heads.trainable": "last", "features.flip": True}

@@ -14,7 +14,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 
 from stages.study import charts, experiments, grid as study, protocols, remotes, report
 from stages.study.table import results, runs
-from stages.errors import UserError
+from stages.pipeline.errors import UserError
 from tests.conftest import REPO, TINY, processes_in, run
 
 DEFAULTS = yaml.safe_load((REPO / "params.yaml").read_text())
@@ -212,7 +212,7 @@ def test_a_sweep_multiplies_only_the_strategies_that_read_its_key_and_names_each
 def test_scratch_starts_from_weights_unlike_the_files(tmp_path):
     import torch
     import torchvision
-    from stages import backbones
+    from stages.model import backbones
 
     written = torchvision.models.resnet18().state_dict()
     path = tmp_path / "w.pth"

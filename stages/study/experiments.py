@@ -13,7 +13,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from stages.errors import UserError
+from stages.pipeline.errors import UserError
 
 # A state is worth waiting for, done, or neither; success first when several runs share params.
 PREFERENCE = ("success", "running", "queued", "failed")

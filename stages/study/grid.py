@@ -45,8 +45,9 @@ from hydra.errors import HydraException
 from tqdm import tqdm
 import yaml
 
-from stages import check_inputs, params
-from stages.errors import UserError
+from stages import check_inputs
+from stages.pipeline import params
+from stages.pipeline.errors import UserError
 from stages.study import experiments, protocols, remotes, report
 from stages.study.experiments import dvc, flat
 from stages.study.options import OneLineParser, comma_list, seed_list

@@ -1,7 +1,7 @@
 """Command-line options shared by the study and its report: one-line mistakes, comma-separated lists."""
 import argparse
 
-from stages.errors import UserError
+from stages.pipeline.errors import UserError
 
 
 class OneLineParser(argparse.ArgumentParser):

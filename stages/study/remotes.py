@@ -17,7 +17,7 @@ from pathlib import Path
 
 from configobj import ConfigObj  # DVC's own config reader
 
-from stages.errors import UserError
+from stages.pipeline.errors import UserError
 from stages.study.experiments import DvcFailed, dvc_output
 from stages.study.protocols import strategy_of
 

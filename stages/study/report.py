@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from stages import figures
-from stages.errors import UserError, run_stage
+from stages.pipeline import figures
+from stages.pipeline.errors import UserError, run_stage
 from stages.study import charts, experiments, remotes, table
 from stages.study.options import OneLineParser, comma_list, seed_list
 from stages.study.protocols import strategy_of

@@ -8,7 +8,7 @@ A published number stands beside a row only where it compares like for like.
 """
 import pandas as pd
 
-from stages import outputs
+from stages.pipeline import outputs
 from stages.study.experiments import NOT_RUN, flat, nest, state_order
 from stages.study.protocols import PUBLISHED_PROTOCOL, differences, nearest, overrides, protocol_of, strategy_of
 

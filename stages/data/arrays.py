@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from stages.errors import UserError
+from stages.pipeline.errors import UserError
 
 SPLITS = ("train", "val", "test")
 

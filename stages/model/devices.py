@@ -4,7 +4,7 @@ import contextlib
 
 import torch
 
-from stages.errors import UserError
+from stages.pipeline.errors import UserError
 
 
 def pick_device(name: str) -> torch.device:

@@ -14,8 +14,8 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 from tqdm import tqdm
 
-from stages.data import SPLITS, DataError, ImageFile, rng, write_labels, write_manifest
-from stages.params import DataParams, resize_side
+from stages.data.arrays import SPLITS, DataError, ImageFile, rng, write_labels, write_manifest
+from stages.pipeline.params import DataParams, resize_side
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 OS_FILES = {"thumbs.db", "desktop.ini", "icon\r"}  # what Windows and macOS leave in folders (besides dot files)

@@ -16,7 +16,7 @@ from typing import Literal, Union
 
 import yaml
 
-from stages.errors import UserError
+from stages.pipeline.errors import UserError
 
 PARAMS_FILE = "params.yaml"
 RESTORE_HINT = "git checkout params.yaml restores the committed values"

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import torch
 
-from stages.backbones import load_tensors
-from stages.errors import UserError
-from stages.outputs import replaced
+from stages.model.backbones import load_tensors
+from stages.pipeline.errors import UserError
+from stages.pipeline.outputs import replaced
 
 
 class Checkpoints:

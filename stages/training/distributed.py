@@ -26,9 +26,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from stages import errors
-from stages.errors import UserError
-from stages.params import FinetuneParams
+from stages.pipeline import errors
+from stages.pipeline.errors import UserError
+from stages.pipeline.params import FinetuneParams
 
 if TYPE_CHECKING:
     import torch
@@ -57,7 +57,7 @@ def start(cfg: FinetuneParams, device_param: str, seed: int, first_node: bool, f
     import torch
     import torch.distributed as dist
 
-    from stages import devices
+    from stages.model import devices
     if "LOCAL_RANK" not in os.environ:
         if cfg.processes > 1 or cfg.nodes > 1:
             return relaunch(cfg, first_node)

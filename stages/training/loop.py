@@ -3,7 +3,7 @@
 SGD (with momentum, optionally Nesterov), Adam or AdamW with one learning rate per parameter
 group, an optional warm-up and cosine schedule per step, and either the best epoch by
 validation accuracy (with optional early stopping) or, without a validation split, the last
-epoch. DVCLive records every epoch. Optional checkpoints (stages/checkpoints.py) let an
+epoch. DVCLive records every epoch. Optional checkpoints (stages/training/checkpoints.py) let an
 interrupted run resume exactly: each epoch seeds its own random numbers.
 Under torchrun (finetune.processes > 1) the epoch's sums are added up across processes, and
 only rank 0 writes DVCLive's files and the checkpoint.
@@ -22,11 +22,11 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from stages import trained
-from stages.checkpoints import Checkpoints, host_copy
-from stages.devices import autocast
-from stages.params import TrainParams
-from stages.torchrun import is_writer
+from stages.pipeline import trained
+from stages.training.checkpoints import Checkpoints, host_copy
+from stages.model.devices import autocast
+from stages.pipeline.params import TrainParams
+from stages.training.distributed import is_writer
 
 Batches = Iterator[tuple[torch.Tensor, torch.Tensor]]
 Validate = Callable[[], tuple[float, float]]

@@ -1,5 +1,5 @@
 """The fine-tuning stage's training (stages/finetune.py runs it), on one process or as one of
-torchrun's workers (stages/torchrun.py)."""
+torchrun's workers (stages/training/distributed.py)."""
 
 import hashlib
 import json
@@ -8,9 +8,12 @@ from dataclasses import asdict
 
 import torch
 
-from stages import augment, backbones, data, devices, inference, inputs, loop, outputs, params, torchrun, trained
-from stages.checkpoints import Checkpoints
-from stages.errors import UserError
+from stages.data import arrays, augment, inputs
+from stages.model import backbones, devices, inference
+from stages.pipeline import outputs, params, trained
+from stages.training import distributed, loop
+from stages.training.checkpoints import Checkpoints
+from stages.pipeline.errors import UserError
 from stages.finetune import CHECKPOINTS, LIVE, OUT
 
 
@@ -18,18 +21,18 @@ def train(p: params.Params, joining: bool) -> None:
     """The stage's work, with strategy finetune."""
     cfg = p.finetune
     key = fingerprint(p)
-    worker = torchrun.start(cfg, p.device, p.seed, first_node=not joining, fingerprint=key)
+    worker = distributed.start(cfg, p.device, p.seed, first_node=not joining, fingerprint=key)
     if worker is None:  # this process launched torchrun's workers, which did the work
         return
     device, rank, world = worker.device, worker.rank, worker.world
-    if torchrun.is_writer():
+    if distributed.is_writer():
         outputs.fresh_folder(OUT)
-    network = backbones.build(p.model, p.weights, data.num_classes(outputs.PREPARED), p.data.image_size)
+    network = backbones.build(p.model, p.weights, arrays.num_classes(outputs.PREPARED), p.data.image_size)
     set_trainable(network, cfg.unfreeze)
     model = devices.place(network.model, device)
-    train_images, train_labels = (inputs.to_device(a, device) for a in data.open_train_subset(
+    train_images, train_labels = (inputs.to_device(a, device) for a in arrays.open_train_subset(
         outputs.PREPARED, p.data.train_per_class, p.seed))
-    val_images, val_labels = (inputs.to_device(a, device) for a in data.open_split(outputs.PREPARED, "val"))
+    val_images, val_labels = (inputs.to_device(a, device) for a in arrays.open_split(outputs.PREPARED, "val"))
     if cfg.drop_last and len(train_labels) < cfg.batch_size:
         raise UserError(f"params.yaml: finetune.drop_last leaves no batch of {cfg.batch_size} from "
                         f"{len(train_labels)} training images: set finetune.drop_last: false or a smaller batch_size")
@@ -53,9 +56,9 @@ def train(p: params.Params, joining: bool) -> None:
     training = loop.Training(fast_model, parameter_groups(network, cfg), lambda generator: train_batches(
                                  train_images, train_labels, cfg, p.data, network.preprocess, generator, rank, world),
                              len(train_labels), validate if len(val_labels) else None, state_of=model)
-    with torchrun.peers(cfg):
+    with distributed.peers(cfg):
         fitted = loop.fit(training, cfg, p.seed, device, LIVE, checkpoints)
-        if torchrun.is_writer():
+        if distributed.is_writer():
             trained.save("finetune", fitted.state, epoch=fitted.epoch)
             print(loop.chosen(fitted))
             if checkpoints:

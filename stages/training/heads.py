@@ -7,7 +7,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from stages import backbones, data, devices, inference, inputs, loop, outputs, params, probe, trained
+from stages.data import arrays, inputs
+from stages.model import backbones, devices, inference
+from stages.pipeline import outputs, params, trained
+from stages.training import loop, probe
 from stages.train_heads import L2_SEARCH, LIVE, OUT
 
 
@@ -16,21 +19,21 @@ def train(p: params.Params) -> None:
     outputs.fresh_folder(OUT)
     cfg = p.train_heads
     device = devices.setup(p.device, p.seed)
-    names = data.load_manifest(outputs.PREPARED)["classes"]
+    names = arrays.load_manifest(outputs.PREPARED)["classes"]
     classes = len(names)
     network = backbones.build(p.model, p.weights, classes, probe_layer=cfg.probe_layer)
     set_head_trainable(network, cfg.trainable)
     head = network.head.to(device)
-    train_labels = data.open_split(outputs.PREPARED, "train")[1]
+    train_labels = arrays.open_split(outputs.PREPARED, "train")[1]
     features = {name: load_features(outputs.FEATURES / f"{name}.npy", device)
                 for name in ("train", "train_flip", "val") if (outputs.FEATURES / f"{name}.npy").exists()}
     if p.data.train_per_class is not None:  # else every row, without a copy of the features
-        subset = data.train_subset(train_labels, p.data.train_per_class, p.seed, names)
+        subset = arrays.train_subset(train_labels, p.data.train_per_class, p.seed, names)
         train_labels = train_labels[subset]
         features.update({name: features[name][torch.from_numpy(subset).to(features[name].device)]
                          for name in ("train", "train_flip") if name in features})
     labels = {"train": inputs.to_device(train_labels, device),
-              "val": inputs.to_device(data.open_split(outputs.PREPARED, "val")[1], device)}
+              "val": inputs.to_device(arrays.open_split(outputs.PREPARED, "val")[1], device)}
     if cfg.solver == "lbfgs":
         # With a subset, val is only for choosing: training on it would add its images to every size
         fit_probe(head, features, labels, classes, refit_on_val=p.data.train_per_class is None)

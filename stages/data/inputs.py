@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from stages import params
+from stages.pipeline import params
 
 
 @dataclass(frozen=True)
@@ -94,7 +94,7 @@ def image_inputs(images: torch.Tensor | np.ndarray, preprocess: Preprocess, size
 def device_batches(images: torch.Tensor | np.ndarray, batch_size: int,
                    device: torch.device) -> Iterator[tuple[torch.Tensor, int]]:
     """uint8 batches of `batch_size` rows on the device, the last one padded with zeros, and the
-    count of real rows in each. A numpy array (a whole split from data.open_split) is read a batch
+    count of real rows in each. A numpy array (a whole split from arrays.open_split) is read a batch
     at a time into two host buffers in turn (pinned on the GPU, so that the copy overlaps the next
     read): memory does not grow with the split. A batch is valid until the next but one is drawn."""
     if isinstance(images, torch.Tensor):

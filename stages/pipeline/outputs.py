@@ -11,7 +11,7 @@ import shutil
 from pathlib import Path
 from typing import Iterator
 
-from stages.errors import UserError
+from stages.pipeline.errors import UserError
 
 # Every output that dvc.yaml declares, named once here (tests/test_dag.py checks the two agree)
 INPUTS = Path("data/inputs")  # check-inputs: hashes of the image folder and weights file

@@ -5,9 +5,9 @@ from pathlib import Path
 
 import torch
 
-from stages import outputs
-from stages.backbones import Network, load_tensors
-from stages.errors import UserError
+from stages.pipeline import outputs
+from stages.model.backbones import Network, load_tensors
+from stages.pipeline.errors import UserError
 
 PART = {"feature_extraction": "head", "finetune": "model"}  # what each strategy trains, and model.pt holds
 

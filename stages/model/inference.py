@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from stages.devices import autocast
+from stages.model.devices import autocast
 
 FEATURE_BATCH = 4096  # cached feature vectors per forward of a head: it sets memory, not results
 

@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from stages.errors import UserError
-from stages.inputs import Preprocess
+from stages.pipeline.errors import UserError
+from stages.data.inputs import Preprocess
 
 @dataclass
 class Network:
