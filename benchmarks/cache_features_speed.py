@@ -14,7 +14,6 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 
@@ -39,12 +38,11 @@ def main():
     device = devices.setup(args.device)
     network = backbones.build(args.model, args.weights, num_classes=10, image_size=args.image_size)
     body = devices.maybe_compile(prepare_body(network.body, device), args.compile)
-    size = SimpleNamespace(image_size=args.image_size, crop_pct=args.crop_pct)
-    dim = feature_dim(body, network.preprocess, size, device)
+    preprocess = network.preprocess.at(args.image_size, args.crop_pct)
+    dim = feature_dim(body, preprocess, device)
     count = args.batch_size * args.batches
     images = torch.randint(0, 256, (count, 32, 32, 3), dtype=torch.uint8)
-    ready = inputs.model_input(images[:args.batch_size].to(device), network.preprocess, args.image_size,
-                               args.crop_pct)
+    ready = inputs.model_input(images[:args.batch_size].to(device), preprocess)
 
     @torch.no_grad()
     def bare() -> float:
@@ -58,8 +56,7 @@ def main():
 
     def cached(path: Path) -> float:
         started = time.perf_counter()
-        batches = inputs.image_inputs(images, network.preprocess, args.image_size, args.crop_pct,
-                                      args.batch_size, device)
+        batches = inputs.image_inputs(images, preprocess, args.batch_size, device)
         write_features(body, batches, count, args.batch_size, dim, path, device, desc="cache")
         return count / (time.perf_counter() - started)  # write_features returns once the file is written
 

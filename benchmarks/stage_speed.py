@@ -29,7 +29,6 @@ dtype, batch size and optimizer, and no torch.compile.
 """
 import argparse
 import math
-import shutil
 import statistics
 import tempfile
 import time
@@ -119,13 +118,13 @@ def batch_of(s: Setup, stage_batch_size: int) -> int:
 def cache_features_runs(network, images, labels, p, s):
     batch = batch_of(s, p.features.batch_size)
     body = devices.maybe_compile(prepare_body(network.body, s.device), s.compile)
-    dim = feature_dim(body, network.preprocess, s, s.device)
+    dim = feature_dim(body, network.preprocess.at(s.image_size, s.crop_pct), s.device)
     ready = ready_inputs(images, network.preprocess, s, batch)
 
     path = s.folder / "features.npy"
 
     def ours():
-        batches = inputs.image_inputs(images, network.preprocess, s.image_size, s.crop_pct, batch, s.device)
+        batches = inputs.image_inputs(images, network.preprocess.at(s.image_size, s.crop_pct), batch, s.device)
         write_features(body, batches, len(images), batch, dim, path, s.device, "cache")
 
     # DVC removes a stage's outputs before it runs; truncating the last run's file instead took
@@ -161,16 +160,14 @@ def finetune_runs(network, images, labels, p, s):
     groups = finetuning.parameter_groups(network, cfg)
     fast_model = devices.maybe_compile(model, s.compile)
     train_images, train_labels = images.to(s.device), labels.to(s.device)
-    data_params = replace(p.data, image_size=s.image_size)
 
     def ours():
-        checkpoints = Checkpoints(s.folder / "checkpoints" / "last.pt", "benchmark", s.device,
-                                  cfg.checkpoint_interval_s)
+        checkpoints = Checkpoints(s.folder / "checkpoints", "benchmark", s.device, cfg.checkpoint_interval_s)
         loop.fit(loop.Training(fast_model, groups, lambda generator: finetuning.train_batches(
-                     train_images, train_labels, cfg, data_params, network.preprocess, generator),
+                     train_images, train_labels, cfg, network.preprocess.at(s.image_size, s.crop_pct), generator),
                      len(train_labels), state_of=model),
                  cfg, p.seed, s.device, s.folder / "live", checkpoints)
-        shutil.rmtree(checkpoints.path.parent, ignore_errors=True)  # as the stage does at its end; else the next run resumes
+        checkpoints.remove()  # as the stage does at its end; else the next run resumes
 
     ready = list(zip(ready_inputs(images, network.preprocess, s, cfg.batch_size),
                      train_labels[:cfg.batch_size * READY_BATCHES].split(cfg.batch_size)))
@@ -184,7 +181,7 @@ def evaluate_runs(network, images, labels, p, s):
     ready = ready_inputs(images, network.preprocess, s, batch)
 
     def ours():
-        batches = inputs.image_inputs(images, network.preprocess, s.image_size, s.crop_pct, batch, s.device)
+        batches = inputs.image_inputs(images, network.preprocess.at(s.image_size, s.crop_pct), batch, s.device)
         inference.predict(model, batches, s.device)
 
     return Runs(ours, lambda: bare_forward(model.eval(), ready, math.ceil(len(images) / batch), s.device), 1)
@@ -192,8 +189,7 @@ def evaluate_runs(network, images, labels, p, s):
 
 def ready_inputs(images, preprocess, s: Setup, batch: int) -> list[torch.Tensor]:
     """Model inputs made once, on the device: the bare loops' data."""
-    return [x for x, _ in inputs.image_inputs(images[:batch * READY_BATCHES], preprocess, s.image_size, s.crop_pct,
-                                              batch, s.device)]
+    return [x for x, _ in inputs.image_inputs(images[:batch * READY_BATCHES], preprocess.at(s.image_size, s.crop_pct), batch, s.device)]
 
 
 @torch.no_grad()
@@ -297,8 +293,8 @@ def our_feature_extraction(network, images, labels, p, s: Setup, epochs: int) ->
     batch, path = batch_of(s, p.features.batch_size), s.folder / "train.npy"
     started = time.perf_counter()
     body = prepare_body(network.body, s.device)
-    dim = feature_dim(body, network.preprocess, s, s.device)
-    batches = inputs.image_inputs(images, network.preprocess, s.image_size, s.crop_pct, batch, s.device)
+    dim = feature_dim(body, network.preprocess.at(s.image_size, s.crop_pct), s.device)
+    batches = inputs.image_inputs(images, network.preprocess.at(s.image_size, s.crop_pct), batch, s.device)
     write_features(body, batches, len(images), batch, dim, path, s.device, "cache")
     features, targets = load_features(path, s.device), labels.to(s.device)
     heads.set_head_trainable(network, "last")

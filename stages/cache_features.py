@@ -39,15 +39,15 @@ def main():
     jobs = [("train", False), ("train", True), ("val", False), ("test", False)]
     jobs = [(split, flip) for split, flip in jobs if p.features.flip or not flip]
     images = {split: arrays.open_split(outputs.PREPARED, split)[0] for split in arrays.SPLITS}
-    dim = feature_dim(body, network.preprocess, p.data, device)
+    preprocess = network.preprocess.at(p.data.image_size, p.data.crop_pct)
+    dim = feature_dim(body, preprocess, device)
     check_free_space(outputs.FEATURES, sum(len(images[split]) for split, _ in jobs) * dim * 2)
     fast_body = devices.maybe_compile(body, p.compile)
     splits, started = {}, time.perf_counter()
     for split, flip in jobs:
         name = split + ("_flip" if flip else "")
         split_images = images[split]
-        batches = inputs.image_inputs(split_images, network.preprocess, p.data.image_size, p.data.crop_pct,
-                                      p.features.batch_size, device, flip=flip)
+        batches = inputs.image_inputs(split_images, preprocess, p.features.batch_size, device, flip=flip)
         write_features(fast_body, batches, len(split_images), p.features.batch_size, dim, outputs.FEATURES / f"{name}.npy",
                        device, name)
         splits[name] = [len(split_images), dim]
@@ -65,9 +65,8 @@ def prepare_body(body: torch.nn.Module, device: torch.device) -> torch.nn.Module
 
 
 @torch.no_grad()
-def feature_dim(body, preprocess, data_params, device) -> int:
-    x = inputs.model_input(torch.zeros(1, 8, 8, 3, dtype=torch.uint8, device=device), preprocess,
-                           data_params.image_size, data_params.crop_pct)
+def feature_dim(body, preprocess: inputs.Preprocess, device) -> int:
+    x = inputs.model_input(torch.zeros(1, 8, 8, 3, dtype=torch.uint8, device=device), preprocess)
     return body(x).flatten(1).shape[1]
 
 

@@ -13,6 +13,7 @@ every time (always_changed), but its outputs change only when the inputs do. Dow
 (CIFAR, hub weights) are checked by their own md5.
 """
 import hashlib
+import importlib.util
 import json
 import os
 import tempfile
@@ -26,11 +27,8 @@ from tqdm import tqdm
 from stages.pipeline import outputs, params
 from stages.pipeline.errors import run_stage
 
-KNOWN_MODELS = "known_models.json"  # model names and image sizes already checked, per registry version
+KNOWN_MODELS = "known_models.json"  # model names and image sizes checked, per registry version and checking code
 FILE_HASHES = "file_hashes.json"  # {the last image folder hashed: {file: "inode:size:mtime_ns:sha256"}}
-
-
-CIFAR_TRAIN_PER_CLASS = {"cifar10": 5000, "cifar100": 500}
 
 
 def main():
@@ -50,7 +48,9 @@ def check_model(name: str, image_size: int) -> None:
     """The model's name (params.check_model_name imports the model registries: seconds) and that
     its body takes images of `image_size` (built on the meta device: seconds too), each once per
     registry version: what passed is remembered in KNOWN_MODELS."""
-    registries = f"torchvision {version('torchvision')}, timm {version('timm')}"
+    checker = importlib.util.find_spec("stages.model.backbones").origin  # found without importing torch
+    registries = (f"torchvision {version('torchvision')}, timm {version('timm')}, "
+                  f"backbones.py {hashlib.sha256(Path(checker).read_bytes()).hexdigest()[:16]}")
     known = recalled(KNOWN_MODELS)
     sizes = known.get(registries) if isinstance(known.get(registries), dict) else {}
     if image_size in sizes.get(name, []):
@@ -69,22 +69,12 @@ def check_train_per_class(data: params.DataParams, train_counts: dict[str, int] 
     files per class in train/, when the caller has listed it already."""
     if data.train_per_class is None:
         return
-    if data.source == "imagefolder":  # the image files of each class, dot files and litter left out
-        from stages.data import sources
-        sizes = train_counts or {c: len(paths) for c, paths in sources.list_images(Path(data.root, "train"))[0].items()}
-    elif data.source == "synthetic":
-        sizes = {f"class_{c}": data.synthetic.train_per_class for c in range(data.synthetic.classes)}
-    else:
-        sizes = {"each class": CIFAR_TRAIN_PER_CLASS[data.source]}
-    has_own_val = data.source == "imagefolder" and Path(data.root, "val").is_dir()
-    carved = 0 if has_own_val else data.val_fraction
-    name, count = min(sizes.items(), key=lambda item: item[1])
-    capped = min(count, data.limit_per_class or count)
-    left = capped - round(carved * capped)
+    from stages.data import sources
+    name, left = min(sources.train_left(data, train_counts).items(), key=lambda item: item[1])
     if data.train_per_class > left:
-        raise params.ParamError(
-            f"params.yaml: data.train_per_class must be at most the training images of each class after the "
-            f"validation carve: {name} has {left} (got {data.train_per_class}; {params.RESTORE_HINT})")
+        raise params.ParamError("params.yaml: data.train_per_class must be at most the training images of each "
+                                f"class after the validation carve: {name} has {left}", data.train_per_class,
+                                restore_hint=True)
 
 
 def source_fingerprint(data: params.DataParams) -> dict:

@@ -38,9 +38,9 @@ def main():
     trained.load_into(network, p.strategy)
     model = devices.maybe_compile(devices.place(network.model, device), p.compile)
 
-    logits = {flip: inference.predict(model, inputs.image_inputs(
-                  images, network.preprocess, p.data.image_size, p.data.crop_pct,
-                  p.evaluate.batch_size, device, flip=flip), device)
+    preprocess = network.preprocess.at(p.data.image_size, p.data.crop_pct)
+    logits = {flip: inference.predict(model, inputs.image_inputs(images, preprocess, p.evaluate.batch_size, device, flip),
+                                      device)
               for flip in ((False, True) if p.evaluate.flip else (False,))}
     averaged = sum(logits.values()) / len(logits)
     loss, accuracy = inference.loss_and_accuracy(averaged, torch.from_numpy(labels))

@@ -3,6 +3,7 @@
 Two tiers: a test that runs DVC (the dvc_project fixture) or the stages as processes is marked
 `dvc`; `python -m pytest -m "not dvc"` runs the library's tests alone, in about a minute.
 """
+import inspect
 import os
 import pickle
 import re
@@ -49,10 +50,23 @@ def restored_stages(output: str) -> list[str]:
     return re.findall(r"Stage '([\w-]+)' is cached - skipping run", output)
 
 
+STARTS_A_STAGE = re.compile(r'\bstage\(|"-m", f?"stages\.')  # a stage, or the study, run as a process
+CURRENT_TEST = {}
+
+
 def pytest_collection_modifyitems(items):
+    """The slow tier, marker dvc, by itself: every test that runs DVC (the dvc_project fixture) or
+    starts a stage as a process. run() refuses a stage's process in a test without it."""
     for item in items:
-        if "dvc_project" in getattr(item, "fixturenames", ()):
+        source = inspect.getsource(item.function) if hasattr(item, "function") else ""
+        if "dvc_project" in getattr(item, "fixturenames", ()) or STARTS_A_STAGE.search(source):
             item.add_marker(pytest.mark.dvc)
+
+
+@pytest.fixture(autouse=True)
+def current_test(request):
+    CURRENT_TEST["node"] = request.node
+    yield
 
 
 def set_params(path: Path, changes: dict) -> None:
@@ -85,6 +99,9 @@ def project(tmp_path, monkeypatch):
 
 
 def run(*command: str, check: bool = True) -> subprocess.CompletedProcess:
+    node = CURRENT_TEST.get("node")
+    if STARTS_A_STAGE.search(", ".join(f'"{word}"' for word in command)) and node and not node.get_closest_marker("dvc"):
+        raise AssertionError(f"{node.name} starts a stage as a process: mark it @pytest.mark.dvc (the slow tier)")
     result = subprocess.run(command, capture_output=True, text=True)
     if check and result.returncode != 0:
         raise AssertionError(f"{' '.join(command)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")

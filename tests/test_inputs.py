@@ -18,7 +18,7 @@ PRE = inputs.Preprocess((0.5, 0.5, 0.5), (0.25, 0.25, 0.25), "bicubic")
 def test_model_input_resizes_and_normalises_on_the_device():
     images = torch.full((3, 8, 8, 3), 255, dtype=torch.uint8)
     images[:, :, :, 1] = 0
-    x = inputs.model_input(images, PRE, 20)
+    x = inputs.model_input(images, PRE.at(20))
     assert x.shape == (3, 3, 20, 20) and x.dtype == torch.float32
     assert x.is_contiguous(memory_format=torch.channels_last)
     assert torch.allclose(x[:, 0], torch.tensor(2.0)) and torch.allclose(x[:, 1], torch.tensor(-2.0))
@@ -40,7 +40,7 @@ def interpolate_crop_normalise(images, preprocess, size, crop_pct):
 def test_the_matrix_resize_equals_interpolate_then_crop(interpolation, stored, size, crop_pct):
     images = torch.randint(0, 256, (3, stored, stored, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     preprocess = inputs.Preprocess((0.485, 0.456, 0.406), (0.229, 0.224, 0.225), interpolation)
-    ours = inputs.model_input(images, preprocess, size, crop_pct)
+    ours = inputs.model_input(images, preprocess.at(size, crop_pct))
     assert ours.shape == (3, 3, size, size) and ours.is_contiguous(memory_format=torch.channels_last)
     assert torch.allclose(ours, interpolate_crop_normalise(images, preprocess, size, crop_pct), atol=1e-5)
 
@@ -48,8 +48,8 @@ def test_the_matrix_resize_equals_interpolate_then_crop(interpolation, stored, s
 def test_crop_pct_resizes_then_takes_the_centre():
     images = torch.zeros(1, 32, 32, 3, dtype=torch.uint8)
     images[:, :, :4] = 255  # a bright band at the left edge: outside a 0.5 centre crop
-    plain = inputs.model_input(images, PRE, 64, crop_pct=1.0)
-    cropped = inputs.model_input(images, PRE, 64, crop_pct=0.5)
+    plain = inputs.model_input(images, PRE.at(64, 1.0))
+    cropped = inputs.model_input(images, PRE.at(64, 0.5))
     assert plain.shape == cropped.shape == (1, 3, 64, 64)
     assert plain[0, 0, :, 0].max() > 1.5 and cropped[0, 0].max() < -1.9
     assert params.resize_side(224, 0.875) == 256
@@ -61,7 +61,7 @@ def torchvision_reference(pil_images):
     preprocess = inputs.Preprocess(tuple(transforms.mean), tuple(transforms.std), transforms.interpolation.value)
     reference = torch.stack([transforms(image) for image in pil_images])
     batch = torch.from_numpy(np.stack([np.array(image) for image in pil_images]))
-    return inputs.model_input(batch, preprocess, 224, crop_pct=0.875), reference, min(transforms.std)
+    return inputs.model_input(batch, preprocess.at(224, 0.875)), reference, min(transforms.std)
 
 
 def assert_matches_torchvision(pil_images):
@@ -88,20 +88,20 @@ def test_resize_and_crop_match_torchvisions_weights_transforms_on_generated_imag
 
 def test_a_padded_last_batch_gives_the_outputs_of_an_unpadded_one():
     images = torch.randint(0, 256, (5, 8, 8, 3), dtype=torch.uint8)
-    batches = list(inputs.image_inputs(images, PRE, 16, 1.0, 4, torch.device("cpu")))
+    batches = list(inputs.image_inputs(images, PRE.at(16, 1.0), 4, torch.device("cpu")))
     assert [(x.shape[0], count) for x, count in batches] == [(4, 4), (4, 1)]  # one shape for every batch
     conv = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Flatten()).eval()
     with torch.no_grad():
         padded_last = conv(batches[1][0])[:1]
-        unpadded = conv(inputs.model_input(images[4:], PRE, 16))
+        unpadded = conv(inputs.model_input(images[4:], PRE.at(16)))
     assert torch.allclose(padded_last, unpadded, atol=1e-6)
 
 
 def test_image_inputs_batches_in_order_and_flips_on_request():
     images = torch.randint(0, 256, (5, 4, 4, 3), dtype=torch.uint8)
     cpu = torch.device("cpu")
-    plain = torch.cat([x[:n] for x, n in inputs.image_inputs(images, PRE, 4, 1.0, 2, cpu)])
-    flipped = torch.cat([x[:n] for x, n in inputs.image_inputs(images, PRE, 4, 1.0, 2, cpu, flip=True)])
+    plain = torch.cat([x[:n] for x, n in inputs.image_inputs(images, PRE.at(4, 1.0), 2, cpu)])
+    flipped = torch.cat([x[:n] for x, n in inputs.image_inputs(images, PRE.at(4, 1.0), 2, cpu, flip=True)])
     assert plain.shape == (5, 3, 4, 4) and torch.equal(flipped, plain.flip(3))
 
 
@@ -125,11 +125,10 @@ def test_finetune_batches_keep_or_drop_the_partial_last_batch_and_split_across_p
     images = torch.randint(0, 256, (70, 8, 8, 3), dtype=torch.uint8)
     labels = torch.arange(70)
     p = params.load()
-    data_params = replace(p.data, image_size=16, crop_pct=1.0)
 
     def batches(cfg, rank=0, world=1):
         generator = torch.Generator().manual_seed(0)
-        return list(finetuning.train_batches(images, labels, cfg, data_params, PRE, generator, rank, world))
+        return list(finetuning.train_batches(images, labels, cfg, PRE.at(16), generator, rank, world))
 
     for drop_last, sizes in ((False, [32, 32, 6]), (True, [32, 32])):
         cfg = replace(p.finetune, batch_size=32, drop_last=drop_last, flip=True, crop_padding=2)
@@ -149,8 +148,8 @@ def test_a_memory_mapped_split_gives_the_batches_of_the_same_images_in_memory(tm
     np.save(tmp_path / "x_labels.npy", np.arange(37))
     mapped, labels = arrays.open_split(tmp_path, "x")
     cpu = torch.device("cpu")
-    from_file = [(x.clone(), n) for x, n in inputs.image_inputs(mapped, PRE, 8, 1.0, 16, cpu, flip=True)]
-    in_memory = list(inputs.image_inputs(images, PRE, 8, 1.0, 16, cpu, flip=True))
+    from_file = [(x.clone(), n) for x, n in inputs.image_inputs(mapped, PRE.at(8, 1.0), 16, cpu, flip=True)]
+    in_memory = list(inputs.image_inputs(images, PRE.at(8, 1.0), 16, cpu, flip=True))
     assert [n for _, n in from_file] == [16, 16, 5] == [n for _, n in in_memory]
     assert all(torch.equal(a, b) for (a, _), (b, _) in zip(from_file, in_memory))
     assert torch.equal(inputs.to_device(mapped, cpu), images) and inputs.to_device(labels, cpu).tolist() == list(range(37))

@@ -45,6 +45,11 @@ def fit(tmp_path, config: TrainParams, val_accuracies=None, validation=True, che
                     Checkpoints(checkpoint, "test", torch.device("cpu")) if checkpoint else None)
 
 
+def checkpoint_file(folder):
+    """Where Checkpoints(folder, "test", ...) keeps its file."""
+    return folder / "test" / "last.pt"
+
+
 @pytest.mark.parametrize("optimizer", ["sgd", "adam", "adamw"])
 def test_fit_learns_with_each_optimizer_and_logs_every_epoch_with_dvclive(tmp_path, optimizer):
     fitted = fit(tmp_path, cfg(optimizer=optimizer, schedule="cosine", warmup_epochs=1))
@@ -77,10 +82,10 @@ def test_a_corrupt_or_malicious_checkpoint_is_ignored_with_a_warning(tmp_path, c
     marker = tmp_path / "code-ran"
     for name, write in (("truncated", lambda p: p.write_bytes(b"PK\x03\x04 truncated")),
                         ("malicious", lambda p: write_malicious(p, marker))):
-        checkpoint = tmp_path / name / "last.pt"
-        checkpoint.parent.mkdir()
+        checkpoint = checkpoint_file(tmp_path / name)
+        checkpoint.parent.mkdir(parents=True)
         write(checkpoint)
-        fitted = fit(tmp_path / name, cfg(epochs=2), checkpoint=checkpoint)
+        fitted = fit(tmp_path / name, cfg(epochs=2), checkpoint=tmp_path / name)
         assert len(fitted.history) == 2
         warning = capsys.readouterr().err
         assert f"warning: {checkpoint}" in warning and "training starts over" in warning
@@ -98,9 +103,10 @@ def test_host_copies_are_copies_with_the_same_memory_layout():
 
 
 def test_checkpoints_are_written_once_their_interval_of_training_has_passed(tmp_path):
-    every_epoch = Checkpoints(tmp_path / "a" / "last.pt", "test", torch.device("cpu"), interval_s=0)
-    fit(tmp_path / "a", cfg(epochs=3), checkpoint=every_epoch.path)
-    assert len(every_epoch.load()["history"]) == 2  # after epochs 1 and 2; the stage saves the last
-    rarely = Checkpoints(tmp_path / "b" / "last.pt", "test", torch.device("cpu"), interval_s=3600)
+    every_epoch = Checkpoints(tmp_path / "a", "test", torch.device("cpu"), interval_s=0)
+    fit(tmp_path / "a", cfg(epochs=3), checkpoint=tmp_path / "a")
+    assert len(every_epoch.load()["progress"]["history"]) == 2  # after epochs 1 and 2; the stage saves the last
+    assert Checkpoints(tmp_path / "a", "other", torch.device("cpu")).load() is None  # another run's identity
+    rarely = Checkpoints(tmp_path / "b", "test", torch.device("cpu"), interval_s=3600)
     assert [rarely.due(0.4) for _ in range(3)] == [False, False, False]
-    assert Checkpoints(tmp_path / "c.pt", "test", torch.device("cpu"), interval_s=1.0).due(1.0)
+    assert Checkpoints(tmp_path / "c", "test", torch.device("cpu"), interval_s=1.0).due(1.0)

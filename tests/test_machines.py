@@ -1,20 +1,17 @@
 """Several machines: three clones of one project stand in for them, a bare git repo and a folder
-for the remotes; and fine-tuning on two nodes of localhost."""
+for the remotes."""
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
-import time
-from pathlib import Path
 
 import pytest
 
 from stages.study import remotes
 from stages.pipeline.errors import UserError
-from tests.conftest import CHANCE, LEARNS, TINY, processes_in, ran_stages, run, set_params
+from tests.conftest import TINY, processes_in, ran_stages, run
 
 STUDY = [sys.executable, "-m", "stages.study", "--models", "alexnet", "--seeds", "0,1", *TINY]
 
@@ -113,72 +110,3 @@ def test_two_machines_share_a_study_through_git_and_dvc_remotes(dvc_project, tmp
                           check=False)
     assert collision.returncode == 2 and collision.stderr.count("\n") == 1, collision.stderr
     assert "not the same" in collision.stderr and "dvc exp remove alexnet-fe-s0-" in collision.stderr
-
-
-def two_node_params(path, port, **changes):
-    set_params(path, {**LEARNS, "strategy": "finetune", "finetune.nodes": 2, "finetune.processes": 1,
-                      "finetune.rendezvous": f"localhost:{port}", "finetune.join_timeout_s": 20, **changes})
-
-
-def evaluated_accuracy() -> float:
-    run(sys.executable, "-m", "stages.evaluate")
-    return json.loads(Path("metrics/metrics.json").read_text())["test"]["accuracy"]
-
-
-@pytest.mark.dvc  # runs the stages as processes
-def test_fine_tuning_on_two_nodes_of_localhost(project):
-    two_node_params(project / "params.yaml", 29531)
-    run(sys.executable, "-m", "stages.check_inputs")
-    run(sys.executable, "-m", "stages.prepare_data")
-    second = project.parent / "second_node"
-    shutil.copytree(project, second)
-    first = subprocess.Popen([sys.executable, "-m", "stages.finetune"], text=True, stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE)
-    joined = in_folder(second, sys.executable, "-m", "stages.finetune", "--join")
-    out, err = first.communicate(timeout=600)
-    assert first.returncode == 0, err
-    assert "torchrun --nnodes=2 --nproc-per-node=1 --rdzv-backend=c10d --rdzv-endpoint=localhost:29531" in out
-    record = json.loads((project / "live/finetune/metrics.json").read_text())
-    assert record["world_size"] == 2 and record["step"] == 2  # 3 epochs, counted from 0
-    assert (project / "models/finetune/model.pt").exists() and not (second / "models").exists()  # one writer
-    assert joined.returncode == 0
-    run(sys.executable, "-m", "stages.cache_features")
-    two_nodes = evaluated_accuracy()
-    set_params(project / "params.yaml", {"finetune.nodes": 1, "finetune.processes": 2})  # the same global batch
-    run(sys.executable, "-m", "stages.finetune")
-    one_node = evaluated_accuracy()
-    assert two_nodes > 2 * CHANCE and abs(two_nodes - one_node) <= 0.05, (two_nodes, one_node)
-    two_node_params(project / "params.yaml", 29531)
-
-    shutil.rmtree(project / "live/finetune")
-    first = subprocess.Popen([sys.executable, "-m", "stages.finetune"], text=True, stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE)
-    joining = subprocess.Popen([sys.executable, "-m", "stages.finetune", "--join"], cwd=second,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 300
-    while not (project / "live/finetune/metrics.json").exists() and time.monotonic() < deadline:
-        time.sleep(0.1)  # the first epoch is done
-    joining.kill()  # the command alone: its worker dies with it, as on a machine that went down
-    killed = time.monotonic()
-    out, err = first.communicate(timeout=300)
-    assert first.returncode == 2 and time.monotonic() - killed < 20, err  # within finetune.join_timeout_s
-    assert err.strip().splitlines()[-1].startswith("error: finetune: lost")  # the node, or the rendezvous it hosted
-
-    alone = run(sys.executable, "-m", "stages.finetune", check=False)  # nobody joins
-    assert alone.returncode == 2 and alone.stderr.strip().splitlines()[-1].startswith(
-        "error: finetune: the 2 nodes did not all meet at localhost:29531 within 20 s")
-
-    set_params(second / "params.yaml", {"finetune.processes": 2})  # three processes in all
-    first = subprocess.Popen([sys.executable, "-m", "stages.finetune"], text=True, stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE)
-    other = in_folder(second, sys.executable, "-m", "stages.finetune", "--join", check=False)
-    out, err = first.communicate(timeout=600)
-    assert other.returncode == 2 and "params.yaml or data/prepared here differ from the first node's" in other.stderr
-    assert first.returncode == 2 and "a joining node's params.yaml or data/prepared differ" in err.strip().splitlines()[-1]
-
-    shutil.rmtree(second / "data/prepared")
-    missing = in_folder(second, sys.executable, "-m", "stages.finetune", "--join", check=False)
-    assert missing.returncode == 2 and "data/prepared/manifest.json is missing" in missing.stderr
-    set_params(second / "params.yaml", {"finetune.nodes": 1})
-    nothing = in_folder(second, sys.executable, "-m", "stages.finetune", "--join", check=False)
-    assert nothing.returncode == 2 and "--join: params.yaml has no run to join" in nothing.stderr

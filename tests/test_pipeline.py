@@ -1,6 +1,7 @@
 """The real DVC pipeline on the synthetic source, in a scratch git repo."""
 import json
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -143,7 +144,6 @@ def changed_stages() -> set[str]:
     return set(json.loads(run("dvc", "status", "--json").stdout))
 
 
-@pytest.mark.dvc  # runs the stages as processes
 def test_an_interrupted_finetune_resumes_to_the_same_result(project):
     set_params(project / "params.yaml", {**LEARNS, "strategy": "finetune", "finetune.epochs": 3,
                                              "finetune.checkpoint_interval_s": 0})
@@ -163,7 +163,6 @@ def test_an_interrupted_finetune_resumes_to_the_same_result(project):
     assert metrics(project)["test"] == uninterrupted
 
 
-@pytest.mark.dvc  # runs the stages as processes
 def test_cached_features_are_identical_across_runs_on_the_cpu(project):
     set_params(project / "params.yaml", {**FAST, "features.flip": True})
     stage("prepare_data")
@@ -182,7 +181,6 @@ def test_a_disk_too_small_for_the_feature_cache_is_one_line(project, monkeypatch
     assert not (project / "data/features/train.npy").exists()
 
 
-@pytest.mark.dvc  # runs the stages as processes
 @pytest.mark.parametrize("strategy", ["feature_extraction", "finetune"])
 def test_a_trained_model_that_could_run_code_is_refused(project, strategy):
     set_params(project / "params.yaml", {**FAST, "strategy": strategy})
@@ -243,7 +241,6 @@ def test_finetune_under_torchrun_with_two_processes_resumes_after_kill_9(dvc_pro
     assert metrics(dvc_project)["test"]["accuracy"] > 2 * CHANCE
 
 
-@pytest.mark.dvc  # runs the stages as processes
 def test_a_stage_run_by_hand_before_its_inputs_exist_names_the_missing_file_and_its_command(project):
     def refused(name: str, strategy: str = "feature_extraction") -> str:
         set_params(project / "params.yaml", {**FAST, "strategy": strategy})
@@ -267,3 +264,45 @@ def test_a_stage_run_by_hand_before_its_inputs_exist_names_the_missing_file_and_
     stage("prepare_data")
     assert "data/features/manifest.json is missing: `dvc repro cache-features`" in refused("train_heads")
     assert "models/finetune/model.pt is missing: `dvc repro finetune`" in refused("evaluate", "finetune")
+
+
+def test_a_killed_finetune_resumes_only_for_the_same_weights_and_code(dvc_project):
+    """Killed after its first checkpoint, then its weights file replaced in place (same path), the rerun
+    starts afresh and ends where a clean run on the new file ends; the same after a code edit."""
+    import torch
+    from torchvision.models import resnet18
+
+    weights = dvc_project / "weights.pth"
+
+    def write_weights(seed: int) -> None:
+        torch.manual_seed(seed)
+        torch.save(resnet18().state_dict(), weights)
+
+    def killed_after_a_checkpoint() -> None:
+        process = subprocess.Popen(["dvc", "repro"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                   start_new_session=True)
+        while not list((dvc_project / ".checkpoints").rglob("last.pt")) and process.poll() is None:
+            time.sleep(0.05)
+        subprocess.run(["pkill", "-KILL", "-s", str(process.pid)])
+        process.wait()
+
+    set_params(dvc_project / "params.yaml", {**LEARNS, "strategy": "finetune", "model": "resnet18",
+                                             "weights": str(weights), "data.image_size": 32, "finetune.epochs": 3,
+                                             "finetune.checkpoint_interval_s": 0})
+    write_weights(1)
+    run("git", "commit", "-qam", "a weights file")
+    killed_after_a_checkpoint()
+    write_weights(2)  # the same path, other content
+    rerun = run("dvc", "repro")
+    assert "no checkpoint for these inputs" in rerun.stdout and "resuming" not in rerun.stdout
+    on_new_weights = metrics(dvc_project)["test"]
+    shutil.rmtree(dvc_project / ".checkpoints", ignore_errors=True)
+    assert "resuming" not in run("dvc", "repro", "-f", "--no-run-cache", "finetune", "evaluate").stdout
+    assert metrics(dvc_project)["test"] == on_new_weights  # a clean run on the new file
+
+    write_weights(1)
+    killed_after_a_checkpoint()
+    loop_module = dvc_project / "stages/training/loop.py"
+    loop_module.write_text(loop_module.read_text() + "\n# an edit\n")
+    rerun = run("dvc", "repro")
+    assert "no checkpoint for these inputs" in rerun.stdout and "resuming" not in rerun.stdout

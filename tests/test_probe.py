@@ -97,7 +97,6 @@ def test_probe_params_that_cannot_work_are_one_line(project, changes, message):
     assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
 
 
-@pytest.mark.dvc  # runs the stages as processes
 def test_finetuning_never_reads_the_test_split(project):
     set_params(project / "params.yaml", {**LEARNS, "strategy": "finetune", "finetune.epochs": 1})
     stage("prepare_data")

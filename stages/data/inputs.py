@@ -8,6 +8,7 @@ transforms, no DataLoader workers. Every batch of image_inputs (cache-features, 
 validation) has the same shape, the last one padded, so cuDNN tunes once for them; training's
 batches share one shape only with drop_last.
 """
+import dataclasses
 import functools
 import math
 from dataclasses import dataclass
@@ -22,12 +23,19 @@ from stages.pipeline import params
 
 @dataclass(frozen=True)
 class Preprocess:
+    """How images become the model's input: the weights' interpolation, mean and std, and the size
+    and crop of data.image_size and data.crop_pct (network.preprocess.at(...) sets them)."""
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     interpolation: str  # a mode of torch.nn.functional.interpolate: bilinear, bicubic or nearest
+    size: int = 224  # side of the model's input
+    crop_pct: float = 1.0  # resized to size / crop_pct, then center-cropped to size
+
+    def at(self, size: int, crop_pct: float = 1.0) -> "Preprocess":
+        return dataclasses.replace(self, size=size, crop_pct=crop_pct)
 
 
-def model_input(images: torch.Tensor, preprocess: Preprocess, size: int, crop_pct: float = 1.0) -> torch.Tensor:
+def model_input(images: torch.Tensor, preprocess: Preprocess) -> torch.Tensor:
     """uint8 N×H×W×3 -> normalised float N×3×size×size, channels_last.
 
     Resizing is linear and separable, and so are the center crop and the per-channel normalisation:
@@ -36,7 +44,8 @@ def model_input(images: torch.Tensor, preprocess: Preprocess, size: int, crop_pc
     the GPU it is two small GEMMs, with the same values up to float rounding (tests/test_inputs.py).
     """
     n, h, w, channels = images.shape
-    rows, columns, shift, low, high = resize_maps(preprocess, h, w, size, crop_pct, images.device)
+    size = preprocess.size
+    rows, columns, shift, low, high = resize_maps(preprocess, h, w, images.device)
     x = torch.addmm(shift, images.reshape(n * h, w * channels).float(), columns)  # (N·H) × (size·3)
     x = torch.matmul(rows, x.view(n, h, size * channels)).view(n, size, size, channels)
     if preprocess.interpolation == "bicubic":
@@ -45,11 +54,11 @@ def model_input(images: torch.Tensor, preprocess: Preprocess, size: int, crop_pc
 
 
 @functools.lru_cache(maxsize=16)
-def resize_maps(preprocess: Preprocess, height: int, width: int, size: int, crop_pct: float, device: torch.device):
+def resize_maps(preprocess: Preprocess, height: int, width: int, device: torch.device):
     """The matrices and vectors of model_input for one input shape: the rows' resize-and-crop
     (size × H), the columns' with the normalisation's scale folded in ((W·3) × (size·3)), the
     normalisation's shift per output column, and the normalised values of 0 and 255 per channel."""
-    side = params.resize_side(size, crop_pct)
+    size, side = preprocess.size, params.resize_side(preprocess.size, preprocess.crop_pct)
     mean = torch.tensor(preprocess.mean, dtype=torch.float64)
     std = torch.tensor(preprocess.std, dtype=torch.float64)
     rows = axis_map(height, side, size, preprocess.interpolation)
@@ -83,12 +92,12 @@ def padded(batch: torch.Tensor, rows: int) -> torch.Tensor:
     return torch.cat([batch, batch.new_zeros((rows - len(batch), *batch.shape[1:]))])
 
 
-def image_inputs(images: torch.Tensor | np.ndarray, preprocess: Preprocess, size: int, crop_pct: float,
-                 batch_size: int, device: torch.device, flip: bool = False) -> Iterator[tuple[torch.Tensor, int]]:
+def image_inputs(images: torch.Tensor | np.ndarray, preprocess: Preprocess, batch_size: int, device: torch.device,
+                 flip: bool = False) -> Iterator[tuple[torch.Tensor, int]]:
     """(inputs, count) for uint8 N×H×W×3 images, in order. Every batch has `batch_size` rows
     (the last one padded with zeros); its first `count` rows are real."""
     for batch, count in device_batches(images, batch_size, device):
-        yield model_input(flip_lr(batch) if flip else batch, preprocess, size, crop_pct), count
+        yield model_input(flip_lr(batch) if flip else batch, preprocess), count
 
 
 def device_batches(images: torch.Tensor | np.ndarray, batch_size: int,

@@ -52,55 +52,84 @@ def open_source(data: DataParams) -> Source:
                             data.synthetic.test_per_class, data.stored_size or 32, data.split_seed)
 
 
+@dataclass
+class Plan:
+    """Which images of the source go where, decided before any image is decoded."""
+    chosen: dict[str, np.ndarray]  # per source split: the indices kept by data.limit_per_class
+    carves: bool  # the source has no val split: the validation carve makes one from train
+    val: set[int]  # indices of the source's train split that the carve takes (none with data.val_fraction 0)
+    side: int  # the stored images' side
+    stored: dict  # the manifest's account of that side
+
+
 def prepare(data: DataParams, folder: Path) -> dict:
     """Writes {train,val,test}_{images,labels}.npy and manifest.json into a new `folder`, and
     returns the manifest. Without a val split in the source, val is carved from the chosen train
     images (none with data.val_fraction 0); an unreadable image that is skipped leaves its split."""
     source = open_source(data)
-    chosen = {name: cap_per_class(split.labels, data.limit_per_class, rng(data.split_seed, f"limit/{name}"))
-              for name, split in source.splits.items()}
-    sizes = [] if data.stored_size else [size for name, split in source.splits.items()
-                                          for size in split.sizes(chosen[name])]
-    side, stored = stored_side(data, sizes)
+    plan = planned(source, data)
     folder.mkdir(parents=True)
     labels, skipped = {}, {}
     for name, split in source.splits.items():
-        picked, val = chosen[name], set()
-        carving = name == "train" and "val" not in source.splits
-        if carving:
-            val = set(picked[carve_val(split.labels[picked], data.val_fraction, rng(data.split_seed, "val"))].tolist())
-        capacity = {"train": len(picked) - len(val), "val": len(val)} if carving else {name: len(picked)}
-        files = {target: ImageFile(folder, target, count, side) for target, count in capacity.items()}
-        kept = {target: [] for target in capacity}
         skipped[name] = Counter()
-        for index, image in split.images(picked, side, skipped[name]):
-            target = "val" if index in val else name
-            files[target].write(image)
-            kept[target].append(index)
-        for target, file in files.items():
-            file.close()
-            labels[target] = split.labels[np.asarray(kept[target], dtype=np.int64)]
-            write_labels(folder, target, labels[target])
-    for name in SPLITS:
-        if len(labels[name]) == 0 and (name != "val" or data.has_validation):
-            raise DataError(f"the {name} split is empty: raise data.limit_per_class or data.val_fraction")
-    for name in ("train", "test"):
-        missing = [c for i, c in enumerate(source.classes) if not (labels[name] == i).any()]
-        if missing:
-            raise DataError(f"class {missing[0]} has no image left in the {name} split (skipped as unusable: "
-                            f"{dict(skipped.get(name, {})) or 'none'}; data.val_fraction carves val from the rest): "
-                            "give it more images that can be used, or lower data.val_fraction")
+        labels.update(write_split(split, name, plan, folder, skipped[name]))
+    check_every_class_kept(labels, source.classes, skipped, data.has_validation)
     manifest = {
         "source": data.source,
         "classes": source.classes,
-        "image_size": [side, side],
-        "stored_size": stored,
+        "image_size": [plan.side, plan.side],
+        "stored_size": plan.stored,
         "splits": {name: split_summary(labels[name], source.classes) for name in SPLITS},
         "skipped_unreadable": {name: dict(sorted(reasons.items())) for name, reasons in skipped.items()},
         "ignored": source.ignored,
     }
     write_manifest(folder, manifest)
     return manifest
+
+
+def planned(source: Source, data: DataParams) -> Plan:
+    chosen = {name: cap_per_class(split.labels, data.limit_per_class, rng(data.split_seed, f"limit/{name}"))
+              for name, split in source.splits.items()}
+    carves, val = "val" not in source.splits, set()
+    if carves:
+        train = chosen["train"]
+        val = set(train[carve_val(source.splits["train"].labels[train], data.val_fraction,
+                                  rng(data.split_seed, "val"))].tolist())
+    sizes = [] if data.stored_size else [size for name, split in source.splits.items()
+                                          for size in split.sizes(chosen[name])]
+    return Plan(chosen, carves, val, *stored_side(data, sizes))
+
+
+def write_split(split: SourceSplit, name: str, plan: Plan, folder: Path, skipped: Counter) -> dict[str, np.ndarray]:
+    """Decodes one source split into its prepared files (train into train and val, when carving);
+    returns the labels of each file written."""
+    picked = plan.chosen[name]
+    carving = name == "train" and plan.carves
+    capacity = {"train": len(picked) - len(plan.val), "val": len(plan.val)} if carving else {name: len(picked)}
+    files = {target: ImageFile(folder, target, count, plan.side) for target, count in capacity.items()}
+    kept = {target: [] for target in capacity}
+    for index, image in split.images(picked, plan.side, skipped):
+        target = "val" if carving and index in plan.val else name
+        files[target].write(image)
+        kept[target].append(index)
+    labels = {}
+    for target, file in files.items():
+        file.close()
+        labels[target] = split.labels[np.asarray(kept[target], dtype=np.int64)]
+        write_labels(folder, target, labels[target])
+    return labels
+
+
+def check_every_class_kept(labels: dict[str, np.ndarray], classes: list[str], skipped: dict, has_validation: bool):
+    for name in SPLITS:
+        if len(labels[name]) == 0 and (name != "val" or has_validation):
+            raise DataError(f"the {name} split is empty: raise data.limit_per_class or data.val_fraction")
+    for name in ("train", "test"):
+        missing = [c for i, c in enumerate(classes) if not (labels[name] == i).any()]
+        if missing:
+            raise DataError(f"class {missing[0]} has no image left in the {name} split (skipped as unusable: "
+                            f"{dict(skipped.get(name, {})) or 'none'}; data.val_fraction carves val from the rest): "
+                            "give it more images that can be used, or lower data.val_fraction")
 
 
 def stored_side(data: DataParams, sizes: list[tuple[int, int]]) -> tuple[int, dict]:
@@ -128,12 +157,31 @@ def cap_per_class(labels: np.ndarray, limit: int | None, generator: np.random.Ge
 
 
 def carve_val(labels: np.ndarray, fraction: float, generator: np.random.Generator) -> np.ndarray:
-    """Sorted indices of a stratified validation split: round(fraction * n) of each class."""
+    """Sorted indices of a stratified validation split: val_share(n, fraction) of each class's n."""
     chosen = [np.zeros(0, np.int64)]
     for c in np.unique(labels):
         members = np.flatnonzero(labels == c)
-        chosen.append(generator.permutation(members)[: round(fraction * len(members))])
+        chosen.append(generator.permutation(members)[:val_share(len(members), fraction)])
     return np.sort(np.concatenate(chosen))
+
+
+def val_share(count: int, fraction: float) -> int:
+    """How many of a class's `count` training images the validation carve takes."""
+    return round(fraction * count)
+
+
+def train_left(data: DataParams, train_counts: dict[str, int] | None = None) -> dict[str, int]:
+    """{class: its training images after data.limit_per_class and the validation carve}, from the
+    source's description alone (nothing decoded). `train_counts`: an image folder's files per class."""
+    if data.source == "imagefolder":  # the image files of each class, dot files and litter left out
+        counts = train_counts or {c: len(paths) for c, paths in list_images(Path(data.root, "train"))[0].items()}
+    elif data.source == "synthetic":
+        counts = {f"class_{c}": data.synthetic.train_per_class for c in range(data.synthetic.classes)}
+    else:
+        counts = {"each class": CIFAR_TRAIN_PER_CLASS[data.source]}
+    own_val = data.source == "imagefolder" and Path(data.root, "val").is_dir()
+    capped = {c: min(n, data.limit_per_class or n) for c, n in counts.items()}
+    return {c: n - (0 if own_val else val_share(n, data.val_fraction)) for c, n in capped.items()}
 
 
 def split_summary(labels: np.ndarray, classes: list[str]) -> dict:
@@ -150,6 +198,8 @@ def in_memory(images: np.ndarray) -> tuple[Callable, Callable]:
 
 
 # --- CIFAR-10 and CIFAR-100: torchvision's datasets ------------------------------------------
+
+CIFAR_TRAIN_PER_CLASS = {"cifar10": 5000, "cifar100": 500}  # the datasets' published sizes
 
 def cifar_source(name: str, root: Path) -> Source:
     from torchvision.datasets import CIFAR10, CIFAR100
@@ -271,19 +321,27 @@ def decode_images(paths, indices, side: int, skip_unreadable: bool, max_pixels: 
     data.skip_unreadable is counted in `skipped` by reason."""
     for index in tqdm(indices, desc=f"decode {split}", unit="img", mininterval=2):
         try:
-            with opened(paths[index], max_pixels) as image:
-                array = np.asarray(resized_and_cropped(as_rgb(upright(image)), side))
-        except Unusable as error:
-            unusable = error
-        except Exception as error:  # whatever a damaged file makes PIL raise: OSError, SyntaxError, ValueError ...
-            unusable = Unusable("cannot be decoded", error.__class__.__name__)
-        else:
-            yield int(index), array
+            image = decoded(paths[index], max_pixels)
+        except Unusable as unusable:
+            if not skip_unreadable:
+                fix = ", or raise data.max_image_pixels" if unusable.reason == "over data.max_image_pixels" else ""
+                raise DataError(f"cannot use {paths[index]}: {unusable}: remove it, or set data.skip_unreadable: "
+                                f"true{fix}") from None
+            skipped[unusable.reason] += 1
             continue
-        if not skip_unreadable:
-            fix = ", or raise data.max_image_pixels" if unusable.reason == "over data.max_image_pixels" else ""
-            raise DataError(f"cannot use {paths[index]}: {unusable}: remove it, or set data.skip_unreadable: true{fix}")
-        skipped[unusable.reason] += 1
+        with image:  # our own code from here: its errors are ours, never a damaged image's
+            yield int(index), np.asarray(resized_and_cropped(as_rgb(upright(image)), side))
+
+
+def decoded(path: Path, max_pixels: int) -> Image.Image:
+    """The image with its pixels read; Unusable, saying why, if it cannot be used."""
+    image = opened(path, max_pixels)
+    try:
+        image.load()
+    except Exception as error:  # whatever a damaged file makes PIL's decoders raise: OSError, SyntaxError, ValueError ...
+        image.close()
+        raise Unusable("cannot be decoded", error.__class__.__name__) from None
+    return image
 
 
 def upright(image: Image.Image) -> Image.Image:

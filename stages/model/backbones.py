@@ -83,6 +83,8 @@ def check_image_size(name: str, size: int) -> None:
         body = _split(_network(name, pretrained=False)[0], 2, None).body.eval()
     if not works(size):
         smallest = next((side for side in range(size + 1, 1025) if works(side)), None)
+        if smallest is None:  # no size works: the error is not about the size, and is shown as it is
+            body(torch.empty(1, 3, size, size, device="meta"))
         raise UserError(f"params.yaml: data.image_size {size} is too small for {name}: "
                         f"the smallest size that works is {smallest}")
 
@@ -109,7 +111,9 @@ def _timm_model(name: str, pretrained: bool):
         raise UserError(f"model timm/{name} is not a timm model name")
     try:
         net = timm.create_model(name, pretrained=pretrained)
-    except (OSError, RuntimeError) as error:
+    except OSError as error:  # what Hugging Face's hub and urllib raise offline; other errors are not downloads
+        if not pretrained:
+            raise
         raise UserError(f"could not download the weights of timm/{name} ({error.__class__.__name__}): "
                         "set weights to a local state_dict file") from None
     cfg = net.pretrained_cfg

@@ -29,5 +29,5 @@ def predict(model: nn.Module, inputs: Iterable[tuple[torch.Tensor, int]], device
 
 
 def loss_and_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
-    labels = labels.cpu()
+    labels = labels.to(logits.device)
     return F.cross_entropy(logits, labels).item(), (logits.argmax(1) == labels).float().mean().item()

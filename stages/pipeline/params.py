@@ -7,7 +7,6 @@ every other stage, so that `dvc repro` stops before DVC deletes any stage's outp
 What each setting means is said once, in params.yaml's comments; here are their types and limits.
 """
 import math
-import re
 import types
 import typing
 from dataclasses import dataclass, fields
@@ -23,7 +22,11 @@ RESTORE_HINT = "git checkout params.yaml restores the committed values"
 
 
 class ParamError(UserError):
-    pass
+    """A mistake in params.yaml. `problem`: the line without the hint to restore the file, for the
+    study, whose cells come from -S values rather than an edited params.yaml."""
+    def __init__(self, problem: str, value=None, restore_hint: bool = False):
+        self.problem = problem if value is None else f"{problem} (got {value!r})"
+        super().__init__(f"{problem} (got {value!r}; {RESTORE_HINT})" if restore_hint else self.problem)
 
 
 @dataclass(frozen=True)
@@ -151,9 +154,6 @@ class FinetuneParams(TrainParams):
     flip: bool
     crop_padding: int
     processes: int
-    nodes: int
-    rendezvous: str
-    join_timeout_s: float
     drop_last: bool
     checkpoint_interval_s: float
 
@@ -163,13 +163,8 @@ class FinetuneParams(TrainParams):
     def __post_init__(self):
         super().__post_init__()
         _require(self.processes >= 1, "finetune.processes", "must be at least 1", self.processes)
-        _require(self.batch_size >= self.processes * self.nodes, "finetune.batch_size",
-                 "must be at least finetune.processes × finetune.nodes (the global batch is split across them)",
-                 self.batch_size)
-        _require(self.nodes >= 1, "finetune.nodes", "must be at least 1", self.nodes)
-        _require(re.fullmatch(r"[\w.-]+:\d{1,5}", self.rendezvous) is not None, "finetune.rendezvous",
-                 "must be host:port, e.g. node1.cluster:29500", self.rendezvous)
-        _require(self.join_timeout_s > 0, "finetune.join_timeout_s", "must be positive", self.join_timeout_s)
+        _require(self.batch_size >= self.processes, "finetune.batch_size",
+                 "must be at least finetune.processes (the global batch is split across them)", self.batch_size)
         _require(self.unfreeze == "all" or self.unfreeze >= 0, "finetune.unfreeze",
                  "must be a number of blocks >= 0, or 'all'", self.unfreeze)
         _require(self.backbone_lr > 0, "finetune.backbone_lr", "must be positive", self.backbone_lr)
@@ -250,7 +245,7 @@ def check_crop_padding(padding: int, stored: int) -> None:
 
 def _require(ok: bool, key: str, rule: str, value) -> None:
     if not ok:
-        raise ParamError(f"params.yaml: {key} {rule} (got {value!r}; {RESTORE_HINT})")
+        raise ParamError(f"params.yaml: {key} {rule}", value, restore_hint=True)
 
 
 def _build(cls, raw, prefix: str):

@@ -178,8 +178,7 @@ def validate(cell: dict, workspace: dict, sweeps: dict) -> None:
         check_inputs.check_train_per_class(params.validate(experiments.nest(expected(cell, workspace))).data)
     except params.ParamError as error:
         swept = ", ".join(f"{key}={cell[key]!r}" for key in sweeps if key in cell)
-        raise UserError(f"{error}".replace("; git checkout params.yaml restores the committed values", "")
-                        + (f" in the cell with {swept}" if swept else "") + ": fix the -S value") from None
+        raise UserError(error.problem + (f" in the cell with {swept}" if swept else "") + ": fix the -S value") from None
 
 
 def shard(cells: list[dict], index: int, count: int) -> list[dict]:

@@ -1,18 +1,57 @@
-"""Checkpoints of a fit, so that an interrupted run resumes where it stopped: one file per
-fingerprint (params and data), written from a host copy by a background thread."""
+"""Checkpoints of a fit, so that an interrupted run resumes where it stopped, written from a host copy
+by a background thread. A checkpoint is resumed only by a run of the same identity: the content of
+every dep that dvc.yaml lists for the stage (data, code) and of the weights file, and the values of
+its params, which is what DVC itself compares before it reruns a stage."""
+import hashlib
+import json
+import shutil
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
 
+import yaml
+
 from stages.model.backbones import load_tensors
 from stages.pipeline.errors import UserError
 from stages.pipeline.outputs import replaced
+from stages.pipeline.params import PARAMS_FILE
+
+PIPELINE_FILE = "dvc.yaml"
+
+
+def stage_identity(stage: str, weights: str) -> str:
+    """sha256 of the stage's deps' content, the weights file's (a dep that check-inputs stands in
+    for) and its params' values, as dvc.yaml lists them."""
+    declared = yaml.safe_load(Path(PIPELINE_FILE).read_text())["stages"][stage]
+    values = yaml.safe_load(Path(PARAMS_FILE).read_text())
+    files = [*declared.get("deps", []), *([weights] if Path(weights).is_file() else [])]
+    return hashlib.sha256(json.dumps({"deps": {path: content_sha256(Path(path)) for path in files},
+                                      "params": {key: dotted(values, key) for key in declared.get("params", [])}},
+                                     sort_keys=True).encode()).hexdigest()
+
+
+def content_sha256(path: Path) -> str | None:
+    """A file's sha256, or a folder's over its files' relative paths and hashes; None if missing."""
+    if path.is_dir():
+        files = sorted(f for f in path.rglob("*") if f.is_file())
+        listing = "".join(f"{f.relative_to(path)}\0{content_sha256(f)}\n" for f in files)
+        return hashlib.sha256(listing.encode()).hexdigest()
+    if not path.is_file():
+        return None
+    with open(path, "rb") as file:
+        return hashlib.file_digest(file, "sha256").hexdigest()
+
+
+def dotted(values: dict, key: str):
+    for part in key.split("."):
+        values = values[part]
+    return values
 
 
 class Checkpoints:
-    """Where an interrupted fit resumes from: one file, for one fingerprint (params and data).
+    """Where an interrupted fit resumes from: one file, for one identity (stage_identity).
 
     Written at the end of an epoch once `interval_s` seconds of training have passed since the
     last one (0: every epoch), so that a fast GPU epoch does not pay for a 1.1 GB write each
@@ -20,23 +59,27 @@ class Checkpoints:
     a background thread from a host copy taken at once, while the next epoch trains; one at a
     time, and close() waits for the last. A kill -9 during a write leaves the previous file whole.
     """
-    def __init__(self, path: Path, fingerprint: str, device: torch.device, interval_s: float = 0.0):
-        self.path, self.fingerprint, self.interval_s = path, fingerprint, interval_s
+    def __init__(self, folder: Path, identity: str, device: torch.device, interval_s: float = 0.0):
+        self.path, self.identity, self.interval_s = folder / identity[:16] / "last.pt", identity, interval_s
         self.on_gpu = device.type == "cuda"
         self.unsaved_s, self.thread, self.writing = 0.0, ThreadPoolExecutor(1), None
 
     def load(self) -> dict | None:
-        """The checkpoint if it was written for the same fingerprint. One that can't be read
+        """The checkpoint if it was written for the same identity. One that can't be read
         safely is ignored with a warning, and training starts over."""
         if not self.path.exists():
+            others = [p for p in self.path.parent.parent.glob("*/last.pt") if p != self.path]
+            if others:
+                print(f"no checkpoint for these inputs ({len(others)} in {self.path.parent.parent}/ for other "
+                      "data, weights, code or params): training starts afresh")
             return None
         try:
             saved = load_tensors(self.path)
         except UserError as error:
             print(f"warning: {error}; training starts over", file=sys.stderr)
             return None
-        if not isinstance(saved, dict) or saved.get("fingerprint") != self.fingerprint:
-            print(f"ignoring {self.path}: it was written for other params or data")
+        if not isinstance(saved, dict) or saved.get("identity") != self.identity:
+            print(f"ignoring {self.path}: it was written for other data, weights, code or params; training starts afresh")
             return None
         return saved
 
@@ -47,7 +90,7 @@ class Checkpoints:
     def save(self, changing: dict, settled: dict) -> None:
         """`changing`: tensors that training goes on updating in place, copied now; `settled`:
         values that no longer change (best_state is replaced, never updated), written as they are."""
-        copied = {**host_copy(changing, pinned=self.on_gpu), **settled, "fingerprint": self.fingerprint}
+        copied = {**host_copy(changing, pinned=self.on_gpu), **settled, "identity": self.identity}
         ready = torch.cuda.Event() if self.on_gpu else None
         if ready:
             ready.record()
@@ -68,6 +111,10 @@ class Checkpoints:
     def close(self) -> None:
         self.wait()
         self.thread.shutdown()
+
+    def remove(self) -> None:
+        """The run completed: nothing to resume (none was written if it ran one epoch)."""
+        shutil.rmtree(self.path.parent, ignore_errors=True)
 
 
 def save_checkpoint(path: Path, state: dict) -> None:

@@ -1,4 +1,5 @@
-"""The train-heads stage's training (stages/train_heads.py runs it): the head by epochs, or the linear probe."""
+"""The train-heads stage's training (stages/train_heads.py runs it): the head by epochs on the cached
+features, or its last Linear as a linear probe (stages/training/probe.py)."""
 
 import time
 from pathlib import Path
@@ -11,12 +12,11 @@ from stages.data import arrays, inputs
 from stages.model import backbones, devices, inference
 from stages.pipeline import outputs, params, trained
 from stages.training import loop, probe
-from stages.train_heads import L2_SEARCH, LIVE, OUT
 
 
 def train(p: params.Params) -> None:
     """The stage's work, with strategy feature_extraction: the head by epochs, or the probe."""
-    outputs.fresh_folder(OUT)
+    outputs.fresh_folder(outputs.MODELS["feature_extraction"])
     cfg = p.train_heads
     device = devices.setup(p.device, p.seed)
     names = arrays.load_manifest(outputs.PREPARED)["classes"]
@@ -50,10 +50,10 @@ def train(p: params.Params) -> None:
     trainable = [t for t in head.parameters() if t.requires_grad]
     training = loop.Training(head, [{"params": trainable, "lr": cfg.lr}], train_batches, len(labels["train"]),
                              validate if len(labels["val"]) else None)
-    fitted = loop.fit(training, cfg, p.seed, device, LIVE)
+    fitted = loop.fit(training, cfg, p.seed, device, outputs.LIVE["feature_extraction"])
     trained.save("feature_extraction", fitted.state, epoch=fitted.epoch)
     print(loop.chosen(fitted))
-    outputs.write_json(L2_SEARCH, [])
+    outputs.write_json(outputs.L2_SEARCH, [])
 
 
 def set_head_trainable(network: backbones.Network, trainable: str) -> int:
@@ -63,7 +63,7 @@ def set_head_trainable(network: backbones.Network, trainable: str) -> int:
     last = network.head[-1] if isinstance(network.head, nn.Sequential) else network.head
     network.head.requires_grad_(trainable == "classifier")
     last.requires_grad_(True)
-    return sum(p.numel() for p in network.head.parameters() if p.requires_grad)
+    return loop.trainable_count(network.head)
 
 
 def fit_probe(head: nn.Module, features: dict, labels: dict, classes: int, refit_on_val: bool = True) -> None:
@@ -89,7 +89,7 @@ def fit_probe(head: nn.Module, features: dict, labels: dict, classes: int, refit
         last.bias.copy_(bias)
     trained.save("feature_extraction", head.state_dict(), l2=l2)
     seconds = time.perf_counter() - started
-    live = loop.open_live(LIVE)
+    live = loop.open_live(outputs.LIVE["feature_extraction"])
     live.log_plot("l2_search", search, x="log10_l2", y="val_accuracy", template="linear",
                   title="Linear probe: validation accuracy per L2 strength", x_label="log10 of the L2 strength",
                   y_label="validation accuracy")
@@ -97,7 +97,7 @@ def fit_probe(head: nn.Module, features: dict, labels: dict, classes: int, refit
                                         last.weight.numel() + last.bias.numel(),
                                         best_val=chosen["val_accuracy"], l2=l2))
     live.end()
-    outputs.empty_curves(LIVE)  # no epochs: the per-epoch curves that dvc.yaml declares stay empty
+    outputs.empty_curves(outputs.LIVE["feature_extraction"])  # no epochs: the per-epoch curves that dvc.yaml declares stay empty
     print(f"linear probe: L2 strength {l2:.3g} (val accuracy {chosen['val_accuracy']:.4f}, {len(search)} fits), "
           f"refitted on train{' + val' if refit_on_val else ''} in {evaluations} evaluations; {seconds:.1f} s")
 

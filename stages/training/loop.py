@@ -8,11 +8,11 @@ interrupted run resume exactly: each epoch seeds its own random numbers.
 Under torchrun (finetune.processes > 1) the epoch's sums are added up across processes, and
 only rank 0 writes DVCLive's files and the checkpoint.
 """
-import importlib.util
 import itertools
 import math
+import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -22,11 +22,10 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from stages.pipeline import trained
-from stages.training.checkpoints import Checkpoints, host_copy
 from stages.model.devices import autocast
+from stages.pipeline import outputs, trained
 from stages.pipeline.params import TrainParams
-from stages.training.distributed import is_writer
+from stages.training.checkpoints import Checkpoints, host_copy
 
 Batches = Iterator[tuple[torch.Tensor, torch.Tensor]]
 Validate = Callable[[], tuple[float, float]]
@@ -38,6 +37,28 @@ class Fitted:
     epoch: int  # 1-based: the epoch that `state` comes from
     history: list[dict]  # one record per epoch: losses, accuracies, seconds
     train_time_s: float  # training epochs only, resumed runs included
+
+
+@dataclass
+class Progress:
+    """What a fit has settled after each epoch: exactly what a checkpoint keeps besides the tensors
+    that training goes on updating (the model's, the optimizer's) and the scheduler's step."""
+    history: list[dict] = field(default_factory=list)  # one record per epoch
+    best_acc: float = -1.0  # the best validation accuracy so far
+    best_epoch: int = 0  # 1-based; without validation, the last epoch
+    best_state: dict | None = None  # a host copy of the model's state at best_epoch (with validation)
+
+    def add(self, record: dict, model: nn.Module) -> None:
+        self.history.append(record)
+        if "val_accuracy" not in record:
+            self.best_epoch = record["epoch"]  # the last epoch is the result: its state is taken after the loop
+        elif record["val_accuracy"] > self.best_acc:
+            self.best_acc, self.best_epoch = record["val_accuracy"], record["epoch"]
+            self.best_state = host_copy(model.state_dict())
+
+    def settled(self) -> dict:
+        """For a checkpoint: best_state is replaced, never updated, so it is kept as it is."""
+        return {**vars(self), "history": list(self.history)}
 
 
 def make_optimizer(cfg: TrainParams, param_groups: list[dict]) -> torch.optim.Optimizer:
@@ -61,64 +82,71 @@ class Training:
 
 def fit(training: Training, cfg: TrainParams, seed: int, device: torch.device, live_dir: Path,
         checkpoints: Checkpoints | None = None) -> Fitted:
-    model, validate, n_train = training.model, training.validate, training.n_train
-    state_of = training.state_of or model
+    """Trains for cfg.epochs (or until early stopping), resuming from `checkpoints` if they hold this run."""
+    model, validate, state_of = training.model, training.validate, training.state_of or training.model
     optimizer = make_optimizer(cfg, training.param_groups)
-    steps_per_epoch = cfg.steps_per_epoch(n_train)
+    steps_per_epoch = cfg.steps_per_epoch(training.n_train)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(
         step, cfg.warmup_epochs * steps_per_epoch, cfg.epochs * steps_per_epoch, cfg.schedule))
-    history, best_acc, best_epoch, best_state = [], -1.0, 0, None
-    saved = checkpoints.load() if checkpoints else None
-    if saved:
-        state_of.load_state_dict(saved["model"])
-        optimizer.load_state_dict(saved["optimizer"])
-        scheduler.load_state_dict(saved["scheduler"])
-        history, best_acc, best_epoch, best_state = (saved[k] for k in ("history", "best_acc", "best_epoch", "best_state"))
-        print(f"resuming from {checkpoints.path} after epoch {len(history)}")
+    progress = resumed(checkpoints, state_of, optimizer, scheduler)
     live = open_live(live_dir)
-    for record in history:  # the logs of a resumed run equal those of an uninterrupted one
-        log_epoch(live, record, best_epoch)
-    epochs = tqdm(range(len(history), cfg.epochs), desc="epochs", unit="epoch", initial=len(history), total=cfg.epochs)
+    for record in progress.history:  # the logs of a resumed run equal those of an uninterrupted one
+        log_epoch(live, record, progress.best_epoch)
+    epochs = tqdm(range(len(progress.history), cfg.epochs), desc="epochs", unit="epoch",
+                  initial=len(progress.history), total=cfg.epochs)
     for epoch in epochs:
-        if validate and cfg.patience and epoch - best_epoch >= cfg.patience:
+        if validate and cfg.patience and epoch - progress.best_epoch >= cfg.patience:
             print(f"early stop: no better val accuracy for {cfg.patience} epochs")
             break
         torch.manual_seed(seed * 1_000_003 + epoch)  # dropout
         generator = torch.Generator(device).manual_seed(seed * 1_000_003 + epoch)  # order, augmentation
         started = time.perf_counter()
-        batches = epoch_batches(training, generator, steps_per_epoch)
-        train_loss, train_acc, seen = train_one_epoch(model, optimizer, scheduler, batches, steps_per_epoch, device,
-                                                      f"epoch {epoch + 1}", cfg.label_smoothing)
-        seconds = time.perf_counter() - started
-        record = {"epoch": epoch + 1, "train_loss": train_loss, "train_accuracy": train_acc, "seconds": seconds,
-                  "images": seen}
+        train_loss, train_acc, seen = train_one_epoch(model, optimizer, scheduler, epoch_batches(
+            training, generator, steps_per_epoch), steps_per_epoch, device, f"epoch {epoch + 1}", cfg.label_smoothing)
+        record = {"epoch": epoch + 1, "train_loss": train_loss, "train_accuracy": train_acc,
+                  "seconds": time.perf_counter() - started, "images": seen}
         if validate:
             record["val_loss"], record["val_accuracy"] = validate()
             epochs.set_postfix(val_accuracy=f"{record['val_accuracy']:.4f}")
-        history.append(record)
-        if not validate:
-            best_epoch = epoch + 1  # the last epoch is the result: its state is copied once, after the loop
-        elif record["val_accuracy"] > best_acc:
-            best_acc, best_epoch = record["val_accuracy"], epoch + 1
-            best_state = host_copy(state_of.state_dict())
-        log_epoch(live, record, best_epoch)
-        if checkpoints and is_writer() and epoch + 1 < cfg.epochs and checkpoints.due(seconds):
+        progress.add(record, state_of)
+        log_epoch(live, record, progress.best_epoch)
+        if checkpoints and is_writer() and epoch + 1 < cfg.epochs and checkpoints.due(record["seconds"]):
             checkpoints.save(  # none after the last epoch: the stage saves the model
                 changing={"model": state_of.state_dict(), "optimizer": optimizer.state_dict()},
-                settled={"scheduler": scheduler.state_dict(), "history": list(history), "best_acc": best_acc,
-                         "best_epoch": best_epoch, "best_state": best_state})
+                settled={"scheduler": scheduler.state_dict(), "progress": progress.settled()})
     if checkpoints:
         checkpoints.close()
-    if not validate:  # nothing trains after this: the tensors themselves, copied only off a GPU
-        best_state = {k: v.detach().cpu() for k, v in state_of.state_dict().items()}
-    train_time = sum(r["seconds"] for r in history)
-    fitted = Fitted(best_state, best_epoch, history, train_time)
+    fitted = Fitted(progress.best_state if validate else {k: v.detach().cpu() for k, v in state_of.state_dict().items()},
+                    progress.best_epoch, progress.history, sum(r["seconds"] for r in progress.history))
     live.summary.update(trained.summary(
-        train_time, sum(r["images"] for r in history), n_train, steps=steps_per_epoch * len(history),
-        trainable_params=sum(p.numel() for p in state_of.parameters() if p.requires_grad),
-        world_size=dist.get_world_size() if dist.is_initialized() else 1, best_val=best_acc if validate else None))
+        fitted.train_time_s, sum(r["images"] for r in progress.history), training.n_train,
+        steps=steps_per_epoch * len(progress.history), trainable_params=trainable_count(state_of),
+        world_size=dist.get_world_size() if dist.is_initialized() else 1,
+        best_val=progress.best_acc if validate else None))
     live.end()
     return fitted
+
+
+def resumed(checkpoints: Checkpoints | None, model: nn.Module, optimizer, scheduler) -> Progress:
+    """The progress of the run that `checkpoints` hold, its tensors loaded; a fresh one if none."""
+    saved = checkpoints.load() if checkpoints else None
+    if not saved:
+        return Progress()
+    model.load_state_dict(saved["model"])
+    optimizer.load_state_dict(saved["optimizer"])
+    scheduler.load_state_dict(saved["scheduler"])
+    progress = Progress(**saved["progress"])
+    print(f"resuming from {checkpoints.path} after epoch {len(progress.history)}")
+    return progress
+
+
+def trainable_count(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters() if p.requires_grad)
+
+
+def is_writer() -> bool:
+    """The one process that writes files: alone, or rank 0 of torchrun's workers."""
+    return not dist.is_initialized() or dist.get_rank() == 0
 
 
 def chosen(fitted: Fitted) -> str:
@@ -184,21 +212,38 @@ def summed_across_processes(*values) -> list[float]:
 
 
 def open_live(folder: Path):
-    """DVCLive's log in `folder`, on the process that writes. Elsewhere, and where DVCLive is not
-    installed (a GPU machine with torch but no DVC, running the stages' functions), a Silent one."""
-    if not is_writer() or importlib.util.find_spec("dvclive") is None:
-        return Silent()
-    from dvclive import Live
+    """DVCLive's log in `folder`, on the process that writes (a Quiet one elsewhere). Where DVCLive is
+    not installed (a GPU machine with torch but no DVC, running the stages by hand), the summary
+    alone, with a warning: evaluate reads it."""
+    if not is_writer():
+        return Quiet()
+    try:
+        from dvclive import Live
+    except ImportError:
+        print(f"warning: DVCLive is not installed, so {folder}/ gets its summary (metrics.json) but no curves: "
+              "pip install -r requirements.txt", file=sys.stderr)
+        return Quiet(folder)
     return Live(str(folder), save_dvc_exp=False, dvcyaml=None, report=None)
 
 
-class Silent:
-    """DVCLive's Live, with every log dropped."""
-    def __init__(self):
-        self.summary = {}
+class Quiet:
+    """The calls of DVCLive's Live that the stages make, logging nothing; with a folder, end() writes
+    the summary where Live would."""
+    def __init__(self, folder: Path | None = None):
+        self.folder, self.summary = folder, {}
 
-    def __getattr__(self, name):
-        return lambda *args, **kwargs: None
+    def log_metric(self, name: str, value: float) -> None:
+        pass
+
+    def log_plot(self, name: str, datapoints: list[dict], **options) -> None:
+        pass
+
+    def next_step(self) -> None:
+        pass
+
+    def end(self) -> None:
+        if self.folder:
+            outputs.write_json(self.folder / "metrics.json", self.summary)
 
 
 def log_epoch(live, record: dict, best_epoch: int) -> None:

@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from stages.model.inference import loss_and_accuracy
+
 COARSE_DECADES = (6, 4, 2, 0, -2, -4, -6)  # CLIP's start: 1e6 ... 1e-6, strongest first (the easiest fits)
 FINEST_STEP = 1 / 8  # decades: the search halves its step around the best strength down to this
 MAX_ITERATIONS = 1000  # of L-BFGS per fit; a fit that needs more is nearly unregularised
@@ -66,11 +68,6 @@ def fit(x: torch.Tensor, y: torch.Tensor, l2: float, classes: int,
     return weight.detach(), bias.detach(), evaluations
 
 
-def accuracy_and_loss(weight, bias, x, y) -> tuple[float, float]:
-    logits = torch.addmm(bias, x, weight.T)
-    return (logits.argmax(1) == y).float().mean().item(), F.cross_entropy(logits, y).item()
-
-
 def search_l2(train_x, train_y, val_x, val_y, classes: int) -> tuple[list[dict], dict]:
     """The L2 strength with the best validation accuracy (ties: the lower validation loss), by
     CLIP's parametric binary search: every second decade from 1e6 to 1e-6, then around the best
@@ -85,7 +82,7 @@ def search_l2(train_x, train_y, val_x, val_y, classes: int) -> tuple[list[dict],
         nearest = min(tried, key=lambda d: abs(d - decade), default=None)
         start = (tried[nearest]["weight"], tried[nearest]["bias"]) if nearest is not None else None
         weight, bias, evaluations = fit(train_x, train_y, 10.0 ** decade, classes, start)
-        accuracy, loss = accuracy_and_loss(weight, bias, val_x, val_y)
+        loss, accuracy = loss_and_accuracy(torch.addmm(bias, val_x, weight.T), val_y)
         tried[decade] = {"log10_l2": decade, "val_accuracy": accuracy, "val_loss": loss,
                          "evaluations": evaluations, "weight": weight, "bias": bias}
         progress.update()
