@@ -73,7 +73,10 @@ def writes_read_only_files(tmp_path_factory) -> bool:
         return False
 
 
-def test_a_second_workspace_run_fails_on_the_rwlock_and_the_first_loses_its_result(dvc_project, tmp_path_factory):
+def test_canary_dvc_bug_a_second_workspace_run_breaks_the_first(dvc_project, tmp_path_factory):
+    """A canary for DVC upgrades: it pins a bug of DVC 3.67.1 (the module's docstring), and the README's
+    rule and venv.sh's refusal exist for it. When it fails after an upgrade, DVC may have fixed the bug:
+    read the new behaviour, then drop the rule, venv.sh's refusal and this test, or adapt them."""
     logs = tmp_path_factory.mktemp("logs")
     set_params(dvc_project / "params.yaml", SMALL)
     run("git", "commit", "-qam", "small params")
