@@ -201,7 +201,7 @@ def bare_forward(module, ready, steps, device) -> None:
 
 def bare_training(model, groups, cfg, ready, steps, device) -> None:
     model.train()
-    loop.keep_frozen_norms_in_eval(model)
+    loop.keep_norms_in_eval(model)
     optimizer = loop.make_optimizer(cfg, groups)
     for step in range(steps):
         x, y = ready[step % len(ready)]
@@ -273,7 +273,7 @@ def naive_feature_extraction(network, images, labels, p, s: Setup, epochs: int) 
                                            "lr": cfg.lr}])
     for _ in range(epochs):
         model.train()
-        loop.keep_frozen_norms_in_eval(model)
+        loop.keep_norms_in_eval(model)
         for x, y in batches:
             x, y = x.to(s.device), y.to(s.device)
             with devices.autocast(s.device):

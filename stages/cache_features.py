@@ -4,8 +4,8 @@
 
 Writes data/features/{train,train_flip,val,test}.npy (fp16 N×D, memory-mappable, written as
 they come) and manifest.json; its time goes to metrics/features.json, never into the data.
-With strategy=finetune it writes only a note that says so: fine-tuning trains on images, and
-DVC's run-cache keeps the features of the other variant.
+With strategy finetune it writes only a note that says so: fine-tuning trains on images, and
+DVC's run-cache keeps the features of the other variant (lp_ft shares feature extraction's).
 """
 import shutil
 import time
@@ -27,14 +27,14 @@ IN_FLIGHT = 3  # batches whose copy to the host and disk write may still be runn
 
 def main():
     p = params.load()
-    if p.strategy != "feature_extraction":
-        outputs.write_skipped(outputs.FEATURES, p.strategy)
+    if not outputs.probes(p.probes):
+        outputs.write_skipped(outputs.FEATURES, "the strategy trains no probe")
         outputs.write_json(outputs.FEATURE_METRICS, {"time_s": 0.0, "images_per_s": 0.0})
         return
     outputs.require(outputs.PREPARED / "manifest.json")
     outputs.fresh_folder(outputs.FEATURES)
     device = devices.setup(p.device)
-    network = backbones.build(p.model, p.weights, arrays.num_classes(outputs.PREPARED), p.data.image_size)
+    network = backbones.build(p.model, p.model_weights, arrays.num_classes(outputs.PREPARED), p.data.image_size)
     body = prepare_body(network.body, device)
     jobs = [("train", False), ("train", True), ("val", False), ("test", False)]
     jobs = [(split, flip) for split, flip in jobs if p.features.flip or not flip]

@@ -40,7 +40,8 @@ def main():
         train_counts = {c: len(paths) for c, paths in sources.list_splits(Path(p.data.root))[1]["train"].items()}
     check_train_per_class(p.data, train_counts)
     outputs.write_json(outputs.INPUTS / "source.json", source_fingerprint(p.data))
-    outputs.write_json(outputs.INPUTS / "weights.json", weights_fingerprint(p.model, p.weights))
+    outputs.write_json(outputs.INPUTS / "weights.json", weights_fingerprint(p.model, p.model_weights))
+    outputs.write_json(outputs.PROBE_PLAN, {"probe": p.probes})
     print(f"params.yaml, {p.model} at {p.data.image_size} px and the inputs checked: {outputs.INPUTS}/ written")
 
 

@@ -34,7 +34,7 @@ def main():
     classes = arrays.load_manifest(outputs.PREPARED)["classes"]
     images, labels = arrays.open_split(outputs.PREPARED, "test")
     probe_layer = p.train_heads.probe_layer if p.strategy == "feature_extraction" else "penultimate"
-    network = backbones.build(p.model, p.weights, len(classes), p.data.image_size, probe_layer)
+    network = backbones.build(p.model, p.model_weights, len(classes), p.data.image_size, probe_layer)
     trained.load_into(network, p.strategy)
     model = devices.maybe_compile(devices.place(network.model, device), p.compile)
 
@@ -46,7 +46,8 @@ def main():
     loss, accuracy = inference.loss_and_accuracy(averaged, torch.from_numpy(labels))
     predicted = averaged.argmax(1).numpy()
     per_class = {c: float((predicted[labels == i] == i).mean()) for i, c in enumerate(classes)}
-    cost_parts = [outputs.read_json(outputs.FEATURE_METRICS)["time_s"], trained.time_s(p.strategy)]
+    cost_parts = [outputs.read_json(outputs.FEATURE_METRICS)["time_s"], trained.time_s(p.strategy),
+                  *([trained.time_s("feature_extraction")] if p.strategy == "lp_ft" else [])]  # its probe
     metrics = {"test": {"accuracy": accuracy, "loss": loss}, "total_time_s": round(sum(cost_parts), 2),
                "run": {"device": devices.describe(device), "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}}
     if p.strategy == "feature_extraction":

@@ -19,10 +19,10 @@ def main():
     if sys.argv[1:]:
         raise UserError(f"finetune: unknown arguments {' '.join(sys.argv[1:])}: it takes none (params.yaml says all)")
     p = params.load()
-    if p.strategy != "finetune":  # before torch's import: a stage with nothing to do costs a Python start
-        outputs.write_skipped(outputs.MODELS["finetune"], p.strategy, outputs.LIVE["finetune"])
+    if not p.finetunes:  # before torch's import: a stage with nothing to do costs a Python start
+        outputs.write_skipped(outputs.MODELS["finetune"], f"strategy is {p.strategy}", outputs.LIVE["finetune"])
         return
-    outputs.require(outputs.PREPARED / "manifest.json")
+    outputs.require(outputs.PREPARED / "manifest.json", *([outputs.TRAINED["feature_extraction"]] if p.probes else []))
     if distributed.relaunched("stages.finetune", p.finetune.processes):
         return
     from stages.training import finetuning

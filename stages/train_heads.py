@@ -13,8 +13,9 @@ from stages.pipeline.errors import run_stage
 
 def main():
     p = params.load()
-    if p.strategy != "feature_extraction":  # before torch's import: a stage with nothing to do costs a Python start
-        outputs.write_skipped(outputs.MODELS["feature_extraction"], p.strategy, outputs.LIVE["feature_extraction"])
+    if not outputs.probes(p.probes):  # before torch's import: a stage with nothing to do costs a Python start
+        outputs.write_skipped(outputs.MODELS["feature_extraction"], "the strategy trains no probe",
+                              outputs.LIVE["feature_extraction"])
         outputs.write_json(outputs.L2_SEARCH, [])
         return
     outputs.require(outputs.PREPARED / "manifest.json", outputs.FEATURES / "manifest.json")

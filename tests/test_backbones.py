@@ -91,7 +91,7 @@ def test_frozen_batchnorm_keeps_its_statistics_in_train_mode():
     network = backbones.build("resnet18", "none", num_classes=10)
     finetuning.set_trainable(network, 1)
     network.model.train()
-    loop.keep_frozen_norms_in_eval(network.model)
+    loop.keep_norms_in_eval(network.model)
     assert not network.body.bn1.training and not network.body.layer3[0].bn1.training
     assert network.body.layer4[0].bn1.training
     before = network.body.bn1.running_mean.clone()

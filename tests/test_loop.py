@@ -23,7 +23,7 @@ def test_warmup_then_cosine_per_step():
     assert loop.lr_factor(9, 4, 12, "constant") == 1.0
 
 
-def fit(tmp_path, config: TrainParams, val_accuracies=None, validation=True, checkpoint=None):
+def fit(tmp_path, config: TrainParams, val_accuracies=None, validation=True, checkpoint=None, start=False):
     """A linear classifier on two separable blobs; `val_accuracies` replaces validation if given."""
     torch.manual_seed(0)
     x = torch.cat([torch.randn(64, 2) + 3, torch.randn(64, 2) - 3])
@@ -40,7 +40,7 @@ def fit(tmp_path, config: TrainParams, val_accuracies=None, validation=True, che
         return loss, next(scripted, accuracy)
 
     training = loop.Training(model, [{"params": model.parameters(), "lr": config.lr}], batches, len(y),
-                             validate if validation else None)
+                             validate if validation else None, start_is_a_candidate=start)
     return loop.fit(training, config, 0, torch.device("cpu"), tmp_path / "live",
                     Checkpoints(checkpoint, "test", torch.device("cpu")) if checkpoint else None)
 
@@ -69,6 +69,17 @@ def test_the_best_epoch_is_kept_and_patience_stops_early(tmp_path):
     assert fitted.epoch == 2 and len(fitted.history) == 4
     assert fitted.state.keys() == {"weight", "bias"}
     assert loop_summary(tmp_path)["best_epoch"] == 2
+
+
+def test_the_starting_point_is_kept_when_no_epoch_beats_it_on_validation(tmp_path):
+    fitted = fit(tmp_path, cfg(epochs=3), val_accuracies=[0.9, 0.5, 0.8, 0.85], start=True)
+    assert fitted.epoch == 0 and fitted.best_val == 0.9 and len(fitted.history) == 3
+    assert "the starting point" in loop.chosen(fitted)
+    torch.manual_seed(0)
+    torch.randn(64, 2), torch.randn(64, 2)  # as fit() draws its data, before its model
+    initial = nn.Linear(2, 2).state_dict()
+    assert all(torch.equal(fitted.state[k], initial[k]) for k in initial)
+    assert fit(tmp_path / "later", cfg(epochs=3), val_accuracies=[0.9, 0.5, 0.95, 0.85], start=True).epoch == 2
 
 
 def test_without_validation_the_last_epoch_is_the_result(tmp_path):

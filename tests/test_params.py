@@ -58,8 +58,11 @@ def stage_in_fresh_python(code: str) -> str:
     ({"finetune.unfreeze": -1}, "finetune.unfreeze must be a number of blocks"),
     ({"finetune.unfreeze": "some"}, "finetune.unfreeze must be an integer or one of all"),
     ({"finetune.warmup_epochs": 3}, "finetune.warmup_epochs must be in [0, finetune.epochs)"),
-    ({"weights": "missing.pth"}, "weights must be imagenet, none, or the path of an existing"),
-    ({"strategy": "finetuning"}, "strategy must be one of feature_extraction, finetune"),
+    ({"weights": "missing.pth"}, "weights must be imagenet, none, the path of an existing state_dict file, or a folder"),
+    ({"weights": "stages"}, "weights holds 0 files for model alexnet (none): it needs one, named alexnet.pth"),
+    ({"strategy": "finetuning"}, "strategy must be one of feature_extraction, finetune, lp_ft"),
+    ({"strategy": "lp_ft", "weights": "none"}, "strategy lp_ft fine-tunes from a probe of pretrained features"),
+    ({"strategy": "lp_ft", "train_heads.probe_layer": "fc6"}, "train_heads.probe_layer must be penultimate with strategy lp_ft"),
     ({"data.limit_per_class": 0}, "data.limit_per_class must be a positive integer or null"),
     ({"seed": 1.5}, "seed must be an integer"),
     ({"finetune.label_smoothing": 1.0}, "finetune.label_smoothing must be in [0, 1)"),
@@ -110,3 +113,17 @@ def test_a_stage_reports_a_bad_value_in_one_line_and_keeps_earlier_outputs(proje
             assert result.stderr.startswith("error: params.yaml: ") and result.stderr.count("\n") == 1
             assert "Traceback" not in result.stderr
     assert (project / "data/prepared/train_images.npy").read_bytes() == before
+
+
+def test_a_folder_of_weights_gives_each_model_its_own_file(project):
+    folder = project / "weights"
+    folder.mkdir()
+    for name in ("tf_efficientnet_lite0.in1k.pth", "tf_efficientnet_lite2.in1k.pth", "resnet18.pth", "notes.txt"):
+        (folder / name).write_bytes(b"")
+    for model, file in (("timm/tf_efficientnet_lite0", "tf_efficientnet_lite0.in1k.pth"),
+                        ("timm/tf_efficientnet_lite2", "tf_efficientnet_lite2.in1k.pth"), ("resnet18", "resnet18.pth")):
+        set_params(project / "params.yaml", {"weights": str(folder), "model": model})
+        assert params.load().model_weights == str(folder / file)
+    (folder / "resnet18.a1.pth").write_bytes(b"")
+    with pytest.raises(params.ParamError, match="holds 2 files for model resnet18"):
+        params.load()

@@ -63,7 +63,8 @@ def test_feature_extraction_then_finetune_as_dvc_experiments(dvc_project):
     assert not {"prepare-data", "cache-features"} & set(ran_stages(other_seed.stdout))
     assert "train-heads" in ran_stages(other_seed.stdout)
     changed = run("dvc", "exp", "run", "-S", "seed=0", "-S", "train_heads.lr=0.0005")
-    assert ran_stages(changed.stdout) == ["check-inputs", "train-heads", "evaluate"]
+    # finetune reads the probe for lp_ft: a new probe reruns it, which writes the same skipped note
+    assert ran_stages(changed.stdout) == ["check-inputs", "train-heads", "finetune", "evaluate"]
     smaller = run("dvc", "exp", "run", "-S", "data.train_per_class=20")  # a second size: the data and features serve it
     assert ran_stages(smaller.stdout) == ["check-inputs", "train-heads", "finetune", "evaluate"]
     assert metrics(dvc_project, "live/train_heads/metrics.json")["train_images"] == 20 * 10
@@ -165,6 +166,7 @@ def test_an_interrupted_finetune_resumes_to_the_same_result(project):
 
 def test_cached_features_are_identical_across_runs_on_the_cpu(project):
     set_params(project / "params.yaml", {**FAST, "features.flip": True})
+    stage("check_inputs")
     stage("prepare_data")
     stage("cache_features")
     first = (project / "data/features/train_flip.npy").read_bytes()
@@ -174,6 +176,7 @@ def test_cached_features_are_identical_across_runs_on_the_cpu(project):
 
 def test_a_disk_too_small_for_the_feature_cache_is_one_line(project, monkeypatch):
     set_params(project / "params.yaml", FAST)
+    stage("check_inputs")
     stage("prepare_data")
     monkeypatch.setattr(cache_features.shutil, "disk_usage", lambda path: type("Usage", (), {"free": 10**6}))
     with pytest.raises(UserError, match=r"the feature cache needs 0.02 GB in data/features/, but only 0.00 GB is free"):
@@ -254,13 +257,18 @@ def test_a_stage_run_by_hand_before_its_inputs_exist_names_the_missing_file_and_
         assert result.stdout.count("\n") == 1 and not result.stderr
         return result.stdout
 
-    for name in ("cache_features", "train_heads", "evaluate"):
-        assert refused(name).startswith("error: data/prepared/manifest.json is missing: `dvc repro prepare-data`")
+    for name in ("cache_features", "train_heads"):
+        assert refused(name).startswith("error: data/inputs/probe.json is missing: `dvc repro check-inputs`")
+    assert refused("evaluate").startswith("error: data/prepared/manifest.json is missing: `dvc repro prepare-data`")
     assert "data/prepared/manifest.json is missing" in refused("finetune", "finetune")
     assert skipped("finetune", "feature_extraction").startswith("skipped: strategy is feature_extraction")
-    for name in ("cache_features", "train_heads"):  # reading nothing they do not need
-        assert skipped(name, "finetune").startswith("skipped: strategy is finetune")
     assert "inputs checked" in skipped("check_inputs", "finetune")
+    for name in ("cache_features", "train_heads"):  # reading nothing they do not need
+        assert skipped(name, "finetune").startswith("skipped: the strategy trains no probe")
+    assert "written for another strategy" in refused("cache_features")  # probe.json is finetune's
+    stage("check_inputs")
+    for name in ("cache_features", "train_heads"):
+        assert refused(name).startswith("error: data/prepared/manifest.json is missing: `dvc repro prepare-data`")
     stage("prepare_data")
     assert "data/features/manifest.json is missing: `dvc repro cache-features`" in refused("train_heads")
     assert "models/finetune/model.pt is missing: `dvc repro finetune`" in refused("evaluate", "finetune")
@@ -306,3 +314,31 @@ def test_a_killed_finetune_resumes_only_for_the_same_weights_and_code(dvc_projec
     loop_module.write_text(loop_module.read_text() + "\n# an edit\n")
     rerun = run("dvc", "repro")
     assert "no checkpoint for these inputs" in rerun.stdout and "resuming" not in rerun.stdout
+
+
+def test_lp_ft_reuses_the_probe_of_feature_extraction_and_starts_from_it(dvc_project):
+    """lp_ft beside feature extraction runs no second cache-features or train-heads; finetune starts
+    from the probe (its starting point scores on val what the probe scored); a finetune param reruns
+    only finetune and evaluate."""
+    import torch
+    from torchvision.models import resnet18
+
+    torch.manual_seed(0)
+    torch.save(resnet18().state_dict(), dvc_project / "weights.pth")
+    set_params(dvc_project / "params.yaml", {**LEARNS, "model": "resnet18", "weights": str(dvc_project / "weights.pth"),
+                                             "data.image_size": 32, "data.train_per_class": 20,
+                                             "train_heads.solver": "lbfgs", "train_heads.trainable": "last",
+                                             "finetune.epochs": 2, "finetune.unfreeze": 1})
+    run("git", "commit", "-qam", "a probe")
+    assert "train-heads" in ran_stages(run("dvc", "exp", "run").stdout)
+    probe_val = metrics(dvc_project, "live/train_heads/metrics.json")["best_val_accuracy"]
+    lp_ft = run("dvc", "exp", "run", "-S", "strategy=lp_ft")
+    assert ran_stages(lp_ft.stdout) == ["check-inputs", "finetune", "evaluate"]
+    start_val = float(re.search(r"starting point: val accuracy ([\d.]+)", lp_ft.stdout + lp_ft.stderr).group(1))
+    assert abs(start_val - probe_val) <= 0.02, (start_val, probe_val)  # fp16 features against the images
+    cost = metrics(dvc_project)["total_time_s"]
+    parts = [metrics(dvc_project, f)["time_s"] for f in ("metrics/features.json", "live/train_heads/metrics.json",
+                                                          "live/finetune/metrics.json")]
+    assert cost == pytest.approx(sum(parts), abs=0.02)  # features + probe + fine-tuning
+    again = run("dvc", "exp", "run", "-S", "strategy=lp_ft", "-S", "finetune.lr=0.002")
+    assert ran_stages(again.stdout) == ["check-inputs", "finetune", "evaluate"]

@@ -18,6 +18,7 @@ import yaml
 from stages.pipeline.errors import UserError
 
 PARAMS_FILE = "params.yaml"
+WEIGHTS_SUFFIXES = (".pth", ".pt", ".safetensors")
 RESTORE_HINT = "git checkout params.yaml restores the committed values"
 
 
@@ -153,6 +154,7 @@ class FinetuneParams(TrainParams):
     backbone_lr: float
     flip: bool
     crop_padding: int
+    freeze_norm_stats: bool
     processes: int
     drop_last: bool
     checkpoint_interval_s: float
@@ -187,7 +189,7 @@ class Params:
     seed: int
     model: str
     weights: str
-    strategy: Literal["feature_extraction", "finetune"]
+    strategy: Literal["feature_extraction", "finetune", "lp_ft"]
     device: Literal["auto", "cpu", "cuda"]
     compile: bool
     data: DataParams
@@ -199,10 +201,16 @@ class Params:
     def __post_init__(self):
         _require(self.seed >= 0, "seed", "must be >= 0", self.seed)
         if self.weights not in ("imagenet", "none"):
-            _require(Path(self.weights).is_file(), "weights",
-                     "must be imagenet, none, or the path of an existing state_dict file", self.weights)
-            _require(self.weights.endswith((".pth", ".pt", ".safetensors")), "weights",
+            _require(Path(self.weights).exists(), "weights", "must be imagenet, none, the path of an existing "
+                     "state_dict file, or a folder of them named after the models", self.weights)
+            _require(self.model_weights.endswith(WEIGHTS_SUFFIXES), "weights",
                      "a state_dict file must end in .pth, .pt or .safetensors", self.weights)
+        _require(self.strategy != "lp_ft" or self.weights != "none", "strategy",
+                 "lp_ft fine-tunes from a probe of pretrained features, and weights is none: that is training from "
+                 "scratch, strategy finetune", self.strategy)
+        _require(self.strategy != "lp_ft" or self.train_heads.probe_layer == "penultimate", "train_heads.probe_layer",
+                 "must be penultimate with strategy lp_ft: finetune starts from the probe as the model's own head",
+                 self.train_heads.probe_layer)
         _require(self.model.strip() == self.model and self.model not in ("", "timm/"), "model",
                  "must name a torchvision model or timm/<name>", self.model)
         stored = self.data.stored_size or (None if self.data.source == "imagefolder" else 32)
@@ -218,6 +226,30 @@ class Params:
             for train in (self.train_heads, self.finetune):
                 _require(train.patience is None, f"{train.section}.patience",
                          "needs a validation split: set data.val_fraction above 0, or patience: null", train.patience)
+
+
+    @property
+    def model_weights(self) -> str:
+        """`weights`, or for a folder the one file in it named after the model (timm/ left out):
+        <name>.pth, or <name>.<anything>.pth (.pt, .safetensors), such as tf_efficientnet_lite0.in1k.pth."""
+        folder = Path(self.weights)
+        if not folder.is_dir():
+            return self.weights
+        name = self.model.removeprefix("timm/")
+        found = sorted(str(f) for f in folder.iterdir() if f.name.endswith(WEIGHTS_SUFFIXES)
+                       and (f.name.startswith(name + ".")))
+        _require(len(found) == 1, "weights", f"holds {len(found)} files for model {self.model} ({', '.join(found) or 'none'}): "
+                 f"it needs one, named {name}.pth (or {name}.<tag>.pth)", self.weights)
+        return found[0]
+
+    @property
+    def probes(self) -> bool:
+        """The strategy trains a probe on cached features: feature extraction, and lp_ft before fine-tuning."""
+        return self.strategy in ("feature_extraction", "lp_ft")
+
+    @property
+    def finetunes(self) -> bool:
+        return self.strategy in ("finetune", "lp_ft")
 
 
 def load(path=PARAMS_FILE) -> Params:

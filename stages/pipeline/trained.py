@@ -9,7 +9,7 @@ from stages.pipeline import outputs
 from stages.model.backbones import Network, load_tensors
 from stages.pipeline.errors import UserError
 
-PART = {"feature_extraction": "head", "finetune": "model"}  # what each strategy trains, and model.pt holds
+PART = {"feature_extraction": "head", "finetune": "model", "lp_ft": "model"}  # what each strategy's model.pt holds
 
 
 def save(strategy: str, state: dict, **facts) -> None:
@@ -18,15 +18,18 @@ def save(strategy: str, state: dict, **facts) -> None:
     torch.save({PART[strategy]: {k: v.cpu() for k, v in state.items()}, **facts}, outputs.TRAINED[strategy])
 
 
-def load_into(network: Network, strategy: str) -> None:
-    """Loads model.pt's trained part into the network (its head, or the whole model)."""
+def load_into(network: Network, strategy: str) -> dict:
+    """Loads model.pt's trained part into the network (its head, or the whole model); returns the
+    facts saved with it."""
     path = outputs.TRAINED[strategy]
     part = PART[strategy]
     try:
-        (network.head if part == "head" else network.model).load_state_dict(load_tensors(path)[part])
+        saved = load_tensors(path)
+        (network.head if part == "head" else network.model).load_state_dict(saved[part])
     except (KeyError, TypeError, RuntimeError) as error:
         raise UserError(f"{path} does not hold this model's {part} ({error.__class__.__name__}): "
                         "rerun its stage with dvc repro -f") from None
+    return {key: value for key, value in saved.items() if key != part}
 
 
 def summary(time_s: float, images: int, train_images: int, trainable_params: int, world_size: int = 1,

@@ -2,6 +2,8 @@
 workers (stages/training/distributed.py): every worker holds all the uint8 images on its device,
 draws the same seeded global batches and trains on its share of each, so that the global batch
 stays finetune.batch_size."""
+import dataclasses
+
 import torch
 
 from stages.data import arrays, augment, inputs
@@ -12,23 +14,24 @@ from stages.training import checkpoints, distributed, loop
 
 
 def train(p: params.Params) -> None:
-    """The stage's work, with strategy finetune."""
+    """The stage's work, with strategy finetune, or lp_ft: from the probe that train-heads fitted."""
     cfg = p.finetune
-    identity = checkpoints.stage_identity("finetune", p.weights)  # before any output is touched
+    identity = checkpoints.stage_identity("finetune", p.model_weights)  # before any output is touched
     worker = distributed.start(p.device, p.seed)
     device, rank, world = worker.device, worker.rank, worker.world
     if loop.is_writer():
         outputs.fresh_folder(outputs.MODELS["finetune"])
-    network = backbones.build(p.model, p.weights, arrays.num_classes(outputs.PREPARED), p.data.image_size)
+    network = backbones.build(p.model, p.model_weights, arrays.num_classes(outputs.PREPARED), p.data.image_size)
+    probe = trained.load_into(network, "feature_extraction") if p.strategy == "lp_ft" else None
     set_trainable(network, cfg.unfreeze)
     preprocess = network.preprocess.at(p.data.image_size, p.data.crop_pct)
     model = devices.place(network.model, device)
     train_images, train_labels = (inputs.to_device(a, device) for a in arrays.open_train_subset(
         outputs.PREPARED, p.data.train_per_class, p.seed))
     val_images, val_labels = (inputs.to_device(a, device) for a in arrays.open_split(outputs.PREPARED, "val"))
-    if cfg.drop_last and len(train_labels) < cfg.batch_size:
-        raise UserError(f"params.yaml: finetune.drop_last leaves no batch of {cfg.batch_size} from "
-                        f"{len(train_labels)} training images: set finetune.drop_last: false or a smaller batch_size")
+    if len(train_labels) < cfg.batch_size:  # one batch of all of them, so that every size gets its steps
+        print(f"batch of {len(train_labels)}: finetune.batch_size {cfg.batch_size} is more than the training images")
+        cfg = dataclasses.replace(cfg, batch_size=len(train_labels))
     params.check_crop_padding(cfg.crop_padding, train_images.shape[1])
     fast_model = devices.maybe_compile(worker.wrap(model), p.compile)
 
@@ -46,7 +49,10 @@ def train(p: params.Params) -> None:
     saved = checkpoints.Checkpoints(outputs.CHECKPOINTS, identity, device, cfg.checkpoint_interval_s)
     training = loop.Training(fast_model, parameter_groups(network, cfg), lambda generator: train_batches(
                                  train_images, train_labels, cfg, preprocess, generator, rank, world),
-                             len(train_labels), validate if len(val_labels) else None, state_of=model)
+                             len(train_labels), validate if len(val_labels) else None, state_of=model,
+                             # the probe's val accuracy is fair unless it was trained on val too
+                             start_is_a_candidate=probe is not None and not probe["saw_val"],
+                             norms_in_eval=cfg.freeze_norm_stats)
     fitted = loop.fit(training, cfg, p.seed, device, outputs.LIVE["finetune"], saved)
     if loop.is_writer():
         trained.save("finetune", fitted.state, epoch=fitted.epoch)

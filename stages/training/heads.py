@@ -15,13 +15,13 @@ from stages.training import loop, probe
 
 
 def train(p: params.Params) -> None:
-    """The stage's work, with strategy feature_extraction: the head by epochs, or the probe."""
+    """The stage's work, for feature extraction and lp_ft: the head by epochs, or the probe."""
     outputs.fresh_folder(outputs.MODELS["feature_extraction"])
     cfg = p.train_heads
     device = devices.setup(p.device, p.seed)
     names = arrays.load_manifest(outputs.PREPARED)["classes"]
     classes = len(names)
-    network = backbones.build(p.model, p.weights, classes, probe_layer=cfg.probe_layer)
+    network = backbones.build(p.model, p.model_weights, classes, probe_layer=cfg.probe_layer)
     set_head_trainable(network, cfg.trainable)
     head = network.head.to(device)
     train_labels = arrays.open_split(outputs.PREPARED, "train")[1]
@@ -51,7 +51,7 @@ def train(p: params.Params) -> None:
     training = loop.Training(head, [{"params": trainable, "lr": cfg.lr}], train_batches, len(labels["train"]),
                              validate if len(labels["val"]) else None)
     fitted = loop.fit(training, cfg, p.seed, device, outputs.LIVE["feature_extraction"])
-    trained.save("feature_extraction", fitted.state, epoch=fitted.epoch)
+    trained.save("feature_extraction", fitted.state, epoch=fitted.epoch, saw_val=False)
     print(loop.chosen(fitted))
     outputs.write_json(outputs.L2_SEARCH, [])
 
@@ -87,7 +87,7 @@ def fit_probe(head: nn.Module, features: dict, labels: dict, classes: int, refit
     with torch.no_grad():
         last.weight.copy_(weight)
         last.bias.copy_(bias)
-    trained.save("feature_extraction", head.state_dict(), l2=l2)
+    trained.save("feature_extraction", head.state_dict(), l2=l2, saw_val=refit_on_val)
     seconds = time.perf_counter() - started
     live = loop.open_live(outputs.LIVE["feature_extraction"])
     live.log_plot("l2_search", search, x="log10_l2", y="val_accuracy", template="linear",

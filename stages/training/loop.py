@@ -37,6 +37,7 @@ class Fitted:
     epoch: int  # 1-based: the epoch that `state` comes from
     history: list[dict]  # one record per epoch: losses, accuracies, seconds
     train_time_s: float  # training epochs only, resumed runs included
+    best_val: float | None  # the chosen state's validation accuracy (None without validation)
 
 
 @dataclass
@@ -45,7 +46,7 @@ class Progress:
     that training goes on updating (the model's, the optimizer's) and the scheduler's step."""
     history: list[dict] = field(default_factory=list)  # one record per epoch
     best_acc: float = -1.0  # the best validation accuracy so far
-    best_epoch: int = 0  # 1-based; without validation, the last epoch
+    best_epoch: int = 0  # 1-based; without validation, the last epoch; 0: the starting point
     best_state: dict | None = None  # a host copy of the model's state at best_epoch (with validation)
 
     def add(self, record: dict, model: nn.Module) -> None:
@@ -78,6 +79,8 @@ class Training:
     n_train: int  # training images or feature vectors
     validate: Validate | None = None  # (loss, accuracy) on val; None: no val split, the last epoch is the result
     state_of: nn.Module | None = None  # whose state_dict is the result, when `model` wraps it
+    start_is_a_candidate: bool = False  # the starting point (a trained head) may be the best state by validation
+    norms_in_eval: bool = False  # every BatchNorm keeps its running statistics (else only the frozen ones)
 
 
 def fit(training: Training, cfg: TrainParams, seed: int, device: torch.device, live_dir: Path,
@@ -89,6 +92,9 @@ def fit(training: Training, cfg: TrainParams, seed: int, device: torch.device, l
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(
         step, cfg.warmup_epochs * steps_per_epoch, cfg.epochs * steps_per_epoch, cfg.schedule))
     progress = resumed(checkpoints, state_of, optimizer, scheduler)
+    if training.start_is_a_candidate and validate and not progress.history:
+        progress.best_acc, progress.best_state = validate()[1], host_copy(state_of.state_dict())
+        print(f"starting point: val accuracy {progress.best_acc:.4f}")
     live = open_live(live_dir)
     for record in progress.history:  # the logs of a resumed run equal those of an uninterrupted one
         log_epoch(live, record, progress.best_epoch)
@@ -102,7 +108,8 @@ def fit(training: Training, cfg: TrainParams, seed: int, device: torch.device, l
         generator = torch.Generator(device).manual_seed(seed * 1_000_003 + epoch)  # order, augmentation
         started = time.perf_counter()
         train_loss, train_acc, seen = train_one_epoch(model, optimizer, scheduler, epoch_batches(
-            training, generator, steps_per_epoch), steps_per_epoch, device, f"epoch {epoch + 1}", cfg.label_smoothing)
+            training, generator, steps_per_epoch), steps_per_epoch, device, f"epoch {epoch + 1}", cfg.label_smoothing,
+            training.norms_in_eval)
         record = {"epoch": epoch + 1, "train_loss": train_loss, "train_accuracy": train_acc,
                   "seconds": time.perf_counter() - started, "images": seen}
         if validate:
@@ -117,12 +124,13 @@ def fit(training: Training, cfg: TrainParams, seed: int, device: torch.device, l
     if checkpoints:
         checkpoints.close()
     fitted = Fitted(progress.best_state if validate else {k: v.detach().cpu() for k, v in state_of.state_dict().items()},
-                    progress.best_epoch, progress.history, sum(r["seconds"] for r in progress.history))
+                    progress.best_epoch, progress.history, sum(r["seconds"] for r in progress.history),
+                    progress.best_acc if validate else None)
     live.summary.update(trained.summary(
         fitted.train_time_s, sum(r["images"] for r in progress.history), training.n_train,
         steps=steps_per_epoch * len(progress.history), trainable_params=trainable_count(state_of),
         world_size=dist.get_world_size() if dist.is_initialized() else 1,
-        best_val=progress.best_acc if validate else None))
+        best_val=fitted.best_val))
     live.end()
     return fitted
 
@@ -151,9 +159,12 @@ def is_writer() -> bool:
 
 def chosen(fitted: Fitted) -> str:
     """Which epoch's state is the result, and what training took."""
-    record = fitted.history[fitted.epoch - 1]
-    which = (f"best epoch {fitted.epoch}: val accuracy {record['val_accuracy']:.4f}" if "val_accuracy" in record
-             else f"last epoch {fitted.epoch}: train accuracy {record['train_accuracy']:.4f}")
+    if fitted.epoch == 0:
+        which = f"the starting point: val accuracy {fitted.best_val:.4f}, better than every epoch's"
+    elif fitted.best_val is not None:
+        which = f"best epoch {fitted.epoch}: val accuracy {fitted.best_val:.4f}"
+    else:
+        which = f"last epoch {fitted.epoch}: train accuracy {fitted.history[-1]['train_accuracy']:.4f}"
     return f"{which}, {fitted.train_time_s:.1f} s of training"
 
 
@@ -173,9 +184,9 @@ def lr_factor(step: int, warmup_steps: int, total_steps: int, schedule: str) -> 
 
 
 def train_one_epoch(model, optimizer, scheduler, batches: Batches, steps: int, device, desc: str,
-                    label_smoothing: float = 0.0):
+                    label_smoothing: float = 0.0, norms_in_eval: bool = False):
     model.train()
-    keep_frozen_norms_in_eval(model)
+    keep_norms_in_eval(model, every=norms_in_eval)
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)
     seen = 0
@@ -194,11 +205,12 @@ def train_one_epoch(model, optimizer, scheduler, batches: Batches, steps: int, d
     return loss_sum / seen, correct / seen, int(seen)
 
 
-def keep_frozen_norms_in_eval(model: nn.Module) -> None:
-    """BatchNorm layers whose weights are frozen keep their ImageNet running statistics."""
+def keep_norms_in_eval(model: nn.Module, every: bool = False) -> None:
+    """BatchNorm layers keep their running statistics (ImageNet's): those whose weights are frozen, or
+    every one (finetune.freeze_norm_stats: with few images, their statistics would drift)."""
     for module in model.modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm) and not any(
-                p.requires_grad for p in module.parameters(recurse=False)):
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and (every or not any(
+                p.requires_grad for p in module.parameters(recurse=False))):
             module.eval()
 
 
