@@ -1,6 +1,7 @@
 """The study: its grid, shards and flags, the like-for-like report, and DVC's queue end to end."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -13,7 +14,7 @@ import yaml
 from hydra.core.override_parser.overrides_parser import OverridesParser
 
 from stages.study import charts, experiments, grid as study, protocols, remotes, report
-from stages.study.table import results, runs
+from stages.study.table import gains_over_scratch, results, runs
 from stages.errors import UserError
 from tests.conftest import REPO, TINY, processes_in, run
 
@@ -165,13 +166,50 @@ def test_the_shards_of_the_grid_cover_it_exactly_once():
 
 
 @pytest.mark.parametrize("argv", [["--strategies", "finetuning"], ["--models", "alexnet,,vgg16"], ["--seeds", "0,x"],
-                                  ["--shard", "3/2"], ["--shard", "half"], ["--protocol", "paper"],
+                                  ["--shard", "3/2"], ["--shard", "0/2"], ["--shard", "a/b"], ["--shard", "half"], ["--protocol", "paper"],
                                   ["-S", "seed=1"], ["-S", "train_heads.lr=1e-3,1e-3"], ["--gpus", "0,0"], ["--gpus", "abc"],
                                   ["-S", "train_heads.lr=interval(0,1)"], ["-S", "no.such_key=1,2"],
                                   ["-S", "data.train_per_class=0,10"], ["--strategies", "scratch", "-S", "finetune.epochs=2,x"]])
 def test_a_cli_mistake_is_one_line_and_exit_code_2(argv):
     result = subprocess.run([sys.executable, "-m", "stages.study", *argv], capture_output=True, text=True, cwd=REPO)
     assert result.returncode == 2 and result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, result.stderr
+
+
+def test_an_empty_shard_says_so_in_one_line_and_exits_0_before_pulling_or_queueing(tmp_path, monkeypatch, capsys):
+    shutil.copy(REPO / "dvc.yaml", tmp_path / "dvc.yaml")
+    monkeypatch.chdir(tmp_path)
+    asked = []
+    monkeypatch.setattr(experiments, "exp_show", lambda: asked.append(1) or [
+        {"rev": "workspace", "data": {"params": {"params.yaml": {"data": DEFAULTS}}}}])
+    monkeypatch.setattr(study, "dvc", lambda *args, **kwargs: pytest.fail(f"dvc {args} run for an empty shard"))
+    monkeypatch.setattr(study, "visible_gpus", lambda: [])
+    monkeypatch.setattr(sys, "argv", ["stages.study", "--models", "alexnet,vgg16", "--shard", "5/5"])
+    study.main()  # returns: exit code 0
+    assert capsys.readouterr().out == "shard 5/5 (--shard): no cells, the grid has only 4: nothing to do\n"
+    assert asked == [1] and not (tmp_path / "study").exists()
+    monkeypatch.setattr(sys, "argv", ["stages.study", "--shard", "5/5", "-S", "no.such_key=1"])
+    with pytest.raises(UserError, match="no such key"):  # an empty shard still checks the command
+        study.main()
+
+
+def test_every_table_and_chart_of_the_report_takes_zero_rows(tmp_path):
+    table = results(runs([]))
+    assert table.empty and "accuracy_mean" in table and table.attrs["swept"] == []
+    report.write([], tmp_path)
+    assert pd.read_csv(tmp_path / "results.csv").empty
+    assert "| model " in (tmp_path / "results.md").read_text() and (tmp_path / "accuracy.png").exists()
+    assert (tmp_path / "cost_accuracy.png").exists()
+    # every run failed: rows, but none with a number, for the curve and the gains over scratch
+    best = protocols.overrides("best")
+    failed = [fake(error="error: out of memory", strategy="finetune",
+                   **{**best, **(protocols.SCRATCH["best"] if weights == "none" else {}), "weights": weights,
+                      "data.train_per_class": size}) for size in (10, 100) for weights in ("imagenet", "none")]
+    gains = gains_over_scratch(results(runs(failed)), "data.train_per_class")
+    assert gains.empty and list(gains.columns)[:3] == ["data.train_per_class", "model", "strategy"]
+    report.write(failed, tmp_path)
+    markdown = (tmp_path / "results.md").read_text()
+    assert markdown.count("| failed ") == 4 and "## Gain over training from scratch" in markdown
+    assert (tmp_path / "curve.png").exists()
 
 
 def test_a_report_option_mistake_is_one_line_before_dvc_is_asked(tmp_path):
@@ -400,6 +438,15 @@ def test_the_study_runs_the_grid_as_queued_dvc_experiments_one_per_gpu(dvc_proje
 
     unknown = run(sys.executable, "-m", "stages.study", "-S", "train_heads.learning_rate=0.1", check=False)
     assert unknown.returncode == 2 and unknown.stderr == "error: -S train_heads.learning_rate: no such key in params.yaml\n"
+
+
+def test_a_slurm_array_with_more_tasks_than_cells_ends_its_extra_tasks_with_exit_0(dvc_project):
+    extra_task = {**os.environ, "SLURM_ARRAY_TASK_ID": "3", "SLURM_ARRAY_TASK_COUNT": "3", "SLURM_ARRAY_TASK_MIN": "1"}
+    result = subprocess.run([sys.executable, "-m", "stages.study", "--models", "alexnet", *TINY], env=extra_task,
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "shard 3/3 (SLURM_ARRAY_TASK_ID=3 of 3): no cells, the grid has only 2: nothing to do\n"
+    assert not (dvc_project / "study").exists() and not shown_experiments()
 
 
 FAKE_STAGE = '''import json, os, sys, time
