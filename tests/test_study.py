@@ -145,6 +145,17 @@ def test_only_a_success_counts_as_done_and_a_failure_says_why_from_its_log(tmp_p
     assert "queued: not run: still queued" in table.iloc[0]["problems"]
 
 
+def test_a_pulled_success_whose_metrics_the_dvc_remote_cannot_give_fails_its_row_with_why():
+    entry = exp_show_entry("pulled", "success", 0, executor=False)  # its metrics/metrics.json: an error
+    entry["revs"][0]["data"]["metrics"]["metrics/metrics.json"]["error"]["msg"] = \
+        "[Errno 2] No storage files available: 'metrics/metrics.json'"
+    record = experiments.records([{"rev": "baseline", "experiments": [entry]}])[0]
+    assert record["state"] == "success" and record["error"].startswith(
+        "metrics/metrics.json unreadable: [Errno 2] No storage files available") and "DVC remote" in record["error"]
+    table = results(runs([record]))
+    assert table.iloc[0]["failed"] == 1 and "No storage files available" in table.iloc[0]["problems"]
+
+
 def test_a_set_param_reads_back_as_dvc_reads_it():
     parser = OverridesParser.create()  # what `dvc exp run -S` parses with
     for value in ["it's", "a\\b", "a\\", "a,b", "1e-3", "null", "\\'", "", "/tmp/x y", 1e-3, 1e-5, 3, None, True, 0.875]:
