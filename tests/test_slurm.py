@@ -13,9 +13,9 @@ import pytest
 
 from tests.conftest import REPO, TINY, run
 
-DAEMONS = ("munged", "munge", "slurmctld", "slurmd", "sbatch", "scancel")
+COMMANDS = ("munged", "munge", "slurmctld", "slurmd", "sbatch", "squeue", "scancel")
 pytestmark = [pytest.mark.dvc, pytest.mark.skipif(
-    os.geteuid() != 0 or not all(map(shutil.which, DAEMONS)),
+    os.geteuid() != 0 or not all(map(shutil.which, COMMANDS)),
     reason="needs root and Debian's slurm-wlm and munge (apt-get install -y slurm-wlm munge; .ci/run does)")]
 # Ports of our own, so that a SLURM already running on this machine is left alone
 CONF = """ClusterName=ci
@@ -84,6 +84,12 @@ def slurm(tmp_path_factory, monkeypatch):
                    == ["idle"], 60, "the node idle in sinfo")
         yield folder
     finally:
+        # Whatever a failed or timed-out test left queued or running: every job on this private cluster is ours
+        jobs = subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True).stdout.split()
+        if jobs:
+            subprocess.run(["scancel", *jobs])
+            wait_until(lambda: not subprocess.run(["squeue", "-h"], capture_output=True, text=True).stdout.strip(),
+                       60, "the cancelled jobs gone")
         for process in reversed(started):
             process.terminate()
             try:
@@ -113,7 +119,6 @@ def test_a_slurm_array_runs_the_study_one_shard_a_task_and_the_report_sees_every
     logs = {task: dvc_project / f"transfer-study-{job}_{task}.log" for task in (1, 2)}
     told = "\n".join(f"--- task {task}:\n{log.read_text() if log.exists() else '(no log)'}" for task, log in logs.items())
     if submitted.returncode != 0:
-        subprocess.run(["scancel", job])
         raise AssertionError(f"sbatch --wait exited {submitted.returncode}: {submitted.stderr}\n{told}\n"
                              f"{(slurm / 'slurmctld.log').read_text()[-3000:]}")
     print(f"the array ran in {time.monotonic() - started:.0f} s")
