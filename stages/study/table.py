@@ -29,7 +29,7 @@ MEASURES = {  # column: (metrics file, key in it)
 NUMBERS = [column for column in MEASURES if column != "ran_on"]
 COLUMNS = ["model", "strategy", "protocol", "settings", "published_accuracy", "published_note", "seeds", "runs_ok",
            "accuracy_mean", "accuracy_std", "total_time_s", "features_time_s", "train_time_s", "train_images_per_s",
-           "trainable_params", "problems", "failed"]  # results()'s, besides the swept params
+           "trainable_params", "problems", "failed"]  # results()'s, besides the swept params: an empty table's too
 
 
 def runs(records: list[dict]) -> pd.DataFrame:
@@ -54,7 +54,7 @@ def results(experiments: pd.DataFrame) -> pd.DataFrame:
     """One row per set of params but the seed, mean ± std of test accuracy over the seeds that
     succeeded; a set without a number keeps its row and says why (failed, not run)."""
     if experiments.empty:  # an empty shard: no params to group by, and pandas' grouping needs them
-        table = pd.DataFrame(columns=COLUMNS).astype(dict.fromkeys(["published_accuracy", *COLUMNS[7:-2]], float))
+        table = pd.DataFrame(columns=COLUMNS)
         table.attrs["swept"] = []
         return table
     params = [c for c in experiments.columns if c not in ("name", "state", "error", *MEASURES)]
