@@ -90,9 +90,11 @@ def test_two_machines_share_a_study_through_git_and_dvc_remotes(dvc_project, tmp
     assert len(ran_here) == 4
 
     report = in_folder(c, sys.executable, "-m", "stages.study.report", "--remote", "origin")
+    assert not [p for p in (c / ".dvc/cache").rglob("*") if p.is_file()]  # git refs only: no model, array or run-cache
     assert accuracies(c) == ran_here  # every cell once, as the machines that ran them measured it
     assert report.stdout.count("| alexnet |") == 2 and "0,1" in report.stdout
     fe_seed_0 = next(name for name in ran_here if name.startswith("alexnet-fe-s0-"))
+    in_folder(c, "dvc", "exp", "pull", "origin", "--run-cache")  # the outputs and run-cache, as the study pulls them
     in_folder(c, "dvc", "exp", "apply", fe_seed_0)
     assert (c / "models/train_heads/model.pt").stat().st_size > 10_000
 

@@ -1,6 +1,7 @@
 """The study: its grid, shards and flags, the like-for-like report, and DVC's queue end to end."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -13,8 +14,8 @@ import yaml
 from hydra.core.override_parser.overrides_parser import OverridesParser
 
 from stages.study import charts, experiments, grid as study, protocols, remotes, report
-from stages.study.table import results, runs
 from stages.pipeline.errors import UserError
+from stages.study.table import gains_over_scratch, results, runs
 from tests.conftest import REPO, TINY, processes_in, run
 
 DEFAULTS = yaml.safe_load((REPO / "params.yaml").read_text())
@@ -144,6 +145,17 @@ def test_only_a_success_counts_as_done_and_a_failure_says_why_from_its_log(tmp_p
     assert "queued: not run: still queued" in table.iloc[0]["problems"]
 
 
+def test_a_pulled_success_whose_metrics_the_dvc_remote_cannot_give_fails_its_row_with_why():
+    entry = exp_show_entry("pulled", "success", 0, executor=False)  # its metrics/metrics.json: an error
+    entry["revs"][0]["data"]["metrics"]["metrics/metrics.json"]["error"]["msg"] = \
+        "[Errno 2] No storage files available: 'metrics/metrics.json'"
+    record = experiments.records([{"rev": "baseline", "experiments": [entry]}])[0]
+    assert record["state"] == "success" and record["error"].startswith(
+        "metrics/metrics.json unreadable: [Errno 2] No storage files available") and "DVC remote" in record["error"]
+    table = results(runs([record]))
+    assert table.iloc[0]["failed"] == 1 and "No storage files available" in table.iloc[0]["problems"]
+
+
 def test_a_set_param_reads_back_as_dvc_reads_it():
     parser = OverridesParser.create()  # what `dvc exp run -S` parses with
     for value in ["it's", "a\\b", "a\\", "a,b", "1e-3", "null", "\\'", "", "/tmp/x y", 1e-3, 1e-5, 3, None, True, 0.875]:
@@ -165,13 +177,51 @@ def test_the_shards_of_the_grid_cover_it_exactly_once():
 
 
 @pytest.mark.parametrize("argv", [["--strategies", "finetuning"], ["--models", "alexnet,,vgg16"], ["--seeds", "0,x"],
-                                  ["--shard", "3/2"], ["--shard", "half"], ["--protocol", "paper"],
+                                  ["--shard", "3/2"], ["--shard", "0/2"], ["--shard", "a/b"], ["--shard", "half"], ["--protocol", "paper"],
                                   ["-S", "seed=1"], ["-S", "train_heads.lr=1e-3,1e-3"], ["--gpus", "0,0"], ["--gpus", "abc"],
                                   ["-S", "train_heads.lr=interval(0,1)"], ["-S", "no.such_key=1,2"],
                                   ["-S", "data.train_per_class=0,10"], ["--strategies", "scratch", "-S", "finetune.epochs=2,x"]])
 def test_a_cli_mistake_is_one_line_and_exit_code_2(argv):
     result = subprocess.run([sys.executable, "-m", "stages.study", *argv], capture_output=True, text=True, cwd=REPO)
     assert result.returncode == 2 and result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, result.stderr
+
+
+def test_an_empty_shard_says_so_in_one_line_and_exits_0_before_pulling_or_queueing(tmp_path, monkeypatch, capsys):
+    shutil.copy(REPO / "dvc.yaml", tmp_path / "dvc.yaml")
+    monkeypatch.chdir(tmp_path)
+    asked = []
+    monkeypatch.setattr(experiments, "exp_show", lambda: asked.append(1) or [
+        {"rev": "workspace", "data": {"params": {"params.yaml": {"data": DEFAULTS}}}}])
+    monkeypatch.setattr(study, "dvc", lambda *args, **kwargs: pytest.fail(f"dvc {args} run for an empty shard"))
+    monkeypatch.setattr(study, "visible_gpus", lambda: [])
+    monkeypatch.setattr(sys, "argv", ["stages.study", "--models", "alexnet,vgg16", "--shard", "5/5"])
+    study.main()  # returns: exit code 0
+    assert capsys.readouterr().out == "shard 5/5 (--shard): no cells, the grid has only 4: nothing to do\n"
+    assert asked == [1] and not (tmp_path / "study").exists()
+    monkeypatch.setattr(sys, "argv", ["stages.study", "--shard", "5/5", "-S", "no.such_key=1"])
+    with pytest.raises(UserError, match="no such key"):  # an empty shard still checks the command
+        study.main()
+
+
+def test_every_table_and_chart_of_the_report_takes_zero_rows(tmp_path):
+    table = results(runs([]))
+    assert table.empty and table.attrs["swept"] == []
+    assert list(table.columns) == list(results(runs([fake(accuracy=0.5)])).columns)  # those of a table with rows
+    report.write([], tmp_path)
+    assert pd.read_csv(tmp_path / "results.csv").empty
+    assert "| model " in (tmp_path / "results.md").read_text() and (tmp_path / "accuracy.png").exists()
+    assert (tmp_path / "cost_accuracy.png").exists()
+    # every run failed: rows, but none with a number, for the curve and the gains over scratch
+    best = protocols.overrides("best")
+    failed = [fake(error="error: out of memory", strategy="finetune",
+                   **{**best, **(protocols.SCRATCH["best"] if weights == "none" else {}), "weights": weights,
+                      "data.train_per_class": size}) for size in (10, 100) for weights in ("imagenet", "none")]
+    gains = gains_over_scratch(results(runs(failed)), "data.train_per_class")
+    assert gains.empty and list(gains.columns)[:3] == ["data.train_per_class", "model", "strategy"]
+    report.write(failed, tmp_path)
+    markdown = (tmp_path / "results.md").read_text()
+    assert markdown.count("| failed ") == 4 and "## Gain over training from scratch" in markdown
+    assert (tmp_path / "curve.png").exists()
 
 
 def test_a_report_option_mistake_is_one_line_before_dvc_is_asked(tmp_path):
@@ -400,6 +450,15 @@ def test_the_study_runs_the_grid_as_queued_dvc_experiments_one_per_gpu(dvc_proje
 
     unknown = run(sys.executable, "-m", "stages.study", "-S", "train_heads.learning_rate=0.1", check=False)
     assert unknown.returncode == 2 and unknown.stderr == "error: -S train_heads.learning_rate: no such key in params.yaml\n"
+
+
+def test_a_slurm_array_with_more_tasks_than_cells_ends_its_extra_tasks_with_exit_0(dvc_project):
+    extra_task = {**os.environ, "SLURM_ARRAY_TASK_ID": "3", "SLURM_ARRAY_TASK_COUNT": "3", "SLURM_ARRAY_TASK_MIN": "1"}
+    result = subprocess.run([sys.executable, "-m", "stages.study", "--models", "alexnet", *TINY], env=extra_task,
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "shard 3/3 (SLURM_ARRAY_TASK_ID=3 of 3): no cells, the grid has only 2: nothing to do\n"
+    assert not (dvc_project / "study").exists() and not shown_experiments()
 
 
 FAKE_STAGE = '''import json, os, sys, time

@@ -13,6 +13,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from stages.pipeline import outputs
 from stages.pipeline.errors import UserError
 
 # A state is worth waiting for, done, or neither; success first when several runs share params.
@@ -124,7 +125,8 @@ def _record(experiment: dict) -> dict:
     log = (executor.get("local") or {}).get("log")
     return {"name": experiment.get("name") or head.get("name") or head["rev"][:7], "state": executor["state"],
             "params": _file_data(data.get("params"), "params.yaml"), "metrics": _metrics_files(data.get("metrics")),
-            "error": _error(executor["state"], log, None if experiment.get("executor") else head.get("error")),
+            "error": _error(executor["state"], log, None if experiment.get("executor") else head.get("error"),
+                            (data.get("metrics") or {}).get(str(outputs.METRICS))),
             "log": log, "pid": (executor.get("local") or {}).get("pid")}
 
 
@@ -144,10 +146,14 @@ def _metrics_files(files: dict | None) -> dict:
     return {path: found["data"] for path, found in (files or {}).items() if (found or {}).get("data")}
 
 
-def _error(state: str, log: str | None, unreadable: dict | None) -> str | None:
-    """Why an experiment has no result; `unreadable`: DVC's error for a commit it could not read."""
+def _error(state: str, log: str | None, unreadable: dict | None, metrics: dict | None) -> str | None:
+    """Why an experiment has no result; `unreadable`: DVC's error for a commit it could not read;
+    `metrics`: what `dvc exp show` gave for its metrics/metrics.json."""
     if state == "success":
-        return None
+        read_error = (metrics or {}).get("error")
+        # A pulled experiment's metrics files come from the DVC remote (report.py pulls git refs only)
+        return read_error and (f"{outputs.METRICS} unreadable: {read_error.get('msg')} (it is read from the default DVC "
+                               "remote: is that reachable, with its credentials?)")
     if state in ("queued", "running"):
         return f"{NOT_RUN}still {state}"
     if log and Path(log).is_file():

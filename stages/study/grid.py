@@ -28,7 +28,8 @@ exits non-zero if an experiment failed. Paths given with -S are made absolute, s
 experiments run in another folder. With --remote (remotes.py), the study first pulls the
 remote's experiments of this commit and the run-cache, and pushes each experiment as it succeeds;
 a machine that died is restarted with the same command, and its experiments left "running" are
-run again. Without --shard, a SLURM array or a Kubernetes indexed Job gives the shard (launch/).
+run again. Without --shard, a SLURM array or a Kubernetes indexed Job gives the shard (launch/);
+a shard with no cells (more tasks than cells) says so in one line and exits 0.
 """
 import argparse
 import itertools
@@ -384,7 +385,6 @@ def main():
     args = parse_args()
     if args.remote:
         remotes.check(args.remote)
-        remotes.pull(args.remote)  # a cell that another machine finished is done here too
     shown = experiments.exp_show()
     workspace = experiments.workspace_params(shown)
     unknown = [key for key in [*args.overrides, *args.sweeps] if key not in flat(workspace)]
@@ -399,6 +399,13 @@ def main():
     processes = {**flat(workspace), **args.overrides}.get("finetune.processes", 1) if fine_tunes else 1
     gpus = gpu_groups(args.gpus, processes)
     mine = shard(cells, *args.shard)
+    if not mine:  # a scheduler's array with more tasks than cells: the other tasks have them all
+        print(f"shard {args.shard[0]}/{args.shard[1]} ({args.shard_source}): no cells, the grid has only "
+              f"{len(cells)}: nothing to do")
+        return
+    if args.remote:
+        remotes.pull(args.remote)  # a cell that another machine finished is done here too
+        shown = experiments.exp_show()
     baseline = remotes.baseline_commit()
     names = {id(cell): remotes.cell_name(cell, expected(cell, workspace), baseline) for cell in mine}
     records = fail_dead_runs(experiments.records(shown))

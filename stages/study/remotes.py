@@ -50,10 +50,12 @@ def _config_value(section: str, key: str) -> str:
     return ""
 
 
-def pull(remote: str, all_commits: bool = False) -> None:
-    """Every experiment of the commit checked out (or of every commit) with its data and run-cache."""
+def pull(remote: str, all_commits: bool = False, outputs: bool = True) -> None:
+    """Every experiment of the commit checked out (or of every commit) with its data and run-cache, for
+    the study to resume from; or, without outputs, only its git refs: `dvc exp show` reads the metrics
+    files that they name from the DVC remote (the report, which shows nothing else)."""
     out, err = dvc_output("exp", "pull", remote, *(["--all-commits"] if all_commits else ["--rev", "HEAD"]),
-                          "--run-cache")
+                          "--run-cache" if outputs else "--no-cache")
     _refuse_divergence(out + err, remote)
 
 

@@ -4,6 +4,7 @@
     python -m stages.study.report --models alexnet --seeds 0,1  # only those
     python -m stages.study.report --all-commits                 # also those made at earlier commits
     python -m stages.study.report --remote origin               # first pulls the experiments other machines pushed
+                                                                # (their git refs; metrics read from the DVC remote)
 
 Reads `dvc exp show --json` only (experiments.py), tables it (table.py: one row per set of params
 but the seed, so that runs made under different settings never average together; a column names
@@ -107,7 +108,7 @@ def main():
               "seeds": args.seeds and seed_list(args.seeds)}  # a mistake in them stops before DVC is asked
     if args.remote:
         remotes.check(args.remote)
-        remotes.pull(args.remote, args.all_commits)
+        remotes.pull(args.remote, args.all_commits, outputs=False)  # models and arrays stay on the remote
     records = select(experiments.records(experiments.exp_show(args.all_commits)), **chosen)
     if not records:
         raise UserError("no DVC experiments match: run python -m stages.study first")

@@ -27,6 +27,9 @@ MEASURES = {  # column: (metrics file, key in it)
     "ran_on": (outputs.METRICS, "run.device"),
 }
 NUMBERS = [column for column in MEASURES if column != "ran_on"]
+COLUMNS = ["model", "strategy", "protocol", "settings", "published_accuracy", "published_note", "seeds", "runs_ok",
+           "accuracy_mean", "accuracy_std", "total_time_s", "features_time_s", "train_time_s", "train_images_per_s",
+           "trainable_params", "problems", "failed"]  # results()'s, besides the swept params: an empty table's too
 
 
 def runs(records: list[dict]) -> pd.DataFrame:
@@ -50,6 +53,10 @@ def measures(record: dict) -> dict:
 def results(experiments: pd.DataFrame) -> pd.DataFrame:
     """One row per set of params but the seed, mean ± std of test accuracy over the seeds that
     succeeded; a set without a number keeps its row and says why (failed, not run)."""
+    if experiments.empty:  # an empty shard: no params to group by, and pandas' grouping needs them
+        table = pd.DataFrame(columns=COLUMNS)
+        table.attrs["swept"] = []
+        return table
     params = [c for c in experiments.columns if c not in ("name", "state", "error", *MEASURES)]
     grouping = [c for c in params if c != "seed"]
     unique = one_per_run(experiments, params).assign(key=lambda t: t[grouping].map(text).agg("\n".join, axis=1))
@@ -110,7 +117,9 @@ def gains_over_scratch(results: pd.DataFrame, key: str) -> pd.DataFrame:
                           "strategy": row["strategy"], **{c: text(row[c]) for c in others}, "seeds": row["seeds"],
                           "test_accuracy": row["accuracy_mean"],
                           "gain_over_scratch": 100 * (row["accuracy_mean"] - scratch.get(cell(row), float("nan"))),
-                          "time_s": row["total_time_s"]} for _, row in done.iterrows()])
+                          "time_s": row["total_time_s"]} for _, row in done.iterrows()],
+                        columns=[key, "model", "strategy", *others, "seeds", "test_accuracy", "gain_over_scratch",
+                                 "time_s"])  # named, for when no run succeeded
 
 
 def one_per_run(experiments: pd.DataFrame, params: list[str]) -> pd.DataFrame:
