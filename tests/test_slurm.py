@@ -133,4 +133,4 @@ def test_a_slurm_array_runs_the_study_one_shard_a_task_and_the_report_sees_every
                             capture_output=True, text=True)
     assert report.returncode == 0, report.stderr
     table = (fresh / "study/results.md").read_text()
-    assert "| alexnet | feature_extraction |" in table and "| 0,1 " in table and "| failed" not in table, table
+    assert "| alexnet | feature extraction |" in table and "| 0,1 " in table and "| failed" not in table, table

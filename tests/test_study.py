@@ -14,6 +14,7 @@ import yaml
 from hydra.core.override_parser.overrides_parser import OverridesParser
 
 from stages.study import charts, experiments, grid as study, protocols, remotes, report
+from stages.pipeline import params
 from stages.pipeline.errors import UserError
 from stages.study.table import gains_over_scratch, results, runs
 from tests.conftest import REPO, TINY, processes_in, run
@@ -259,6 +260,25 @@ def test_a_sweep_multiplies_only_the_strategies_that_read_its_key_and_names_each
                for c in by["scratch"] if c["finetune.unfreeze"] == "all")
 
 
+def test_lp_ft_cells_and_a_folder_of_weights_give_each_model_its_cells_and_its_file(tmp_path):
+    folder = tmp_path / "weights"
+    folder.mkdir()
+    for name in ("tf_efficientnet_lite0.in1k.pth", "tf_efficientnet_lite2.in1k.pth"):
+        (folder / name).write_bytes(b"")
+    models = ["timm/tf_efficientnet_lite0", "timm/tf_efficientnet_lite2"]
+    args = study.parse_args(["--strategies", "feature_extraction,lp_ft", "--seeds", "0,1", "--protocol", "best",
+                             "-S", f"weights={folder}", "-S", "data.train_per_class=10,100", "-S", "finetune.lr=0.01,0.1"])
+    cells = study.grid(models, args.strategies, args.seeds, args.overrides, args.sweeps, args.scratch_overrides,
+                       PIPELINE)
+    lp_ft = [c for c in cells if c["strategy"] == "lp_ft"]
+    assert len(lp_ft) == 2 * 2 * 2 * 2 and len(cells) - len(lp_ft) == 2 * 2 * 2  # finetune.lr multiplies lp_ft only
+    names = [remotes.cell_name(c, study.expected(c, DEFAULTS), "abc") for c in cells]
+    assert len(set(names)) == len(cells) and {n.split("-")[-3] for n in names} == {"fe", "lp"}
+    for cell in cells:  # each cell's params validate, and its model finds its own weights file in the folder
+        checked = params.validate(experiments.nest(study.expected(cell, DEFAULTS)))
+        assert checked.model_weights == str(folder / (cell["model"].removeprefix("timm/") + ".in1k.pth"))
+
+
 def test_scratch_starts_from_weights_unlike_the_files(tmp_path):
     import torch
     import torchvision
@@ -296,7 +316,7 @@ def test_the_curve_is_drawn_from_records_with_a_band_per_strategy_and_the_gain_o
     markdown = (tmp_path / "results.md").read_text()
     assert "## Gain over training from scratch, per data.train_per_class" in markdown
     gains = table_rows(markdown, "| 10 ")
-    assert any("finetune" in r and "+40.0" in r for r in gains) and any("scratch" in r and "+0.0" in r for r in gains)
+    assert any("fine-tuning" in r and "+40.0" in r for r in gains) and any("scratch" in r and "+0.0" in r for r in gains)
     report.write(records[:2], tmp_path)  # nothing swept: no curve, and none left from before
     assert not (tmp_path / "curve.png").exists()
 

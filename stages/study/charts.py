@@ -8,8 +8,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-STRATEGY_SHORT = {"feature_extraction": "feature extraction", "finetune": "fine-tuning", "scratch": "from scratch"}
-MARKERS = {"feature_extraction": "o", "finetune": "s", "scratch": "D"}
+STRATEGY_SHORT = {"feature_extraction": "feature extraction", "finetune": "fine-tuning",
+                  "lp_ft": "probe, then fine-tune", "scratch": "from scratch"}
+MARKERS = {"feature_extraction": "o", "finetune": "s", "lp_ft": "^", "scratch": "D"}
 
 
 def study_bars(table: pd.DataFrame) -> plt.Figure:

@@ -7,8 +7,10 @@
     python -m stages.study --shard 1/2 --remote origin        # this machine's half of the grid; another runs 2/2
     python -m stages.study --models timm/tf_efficientnet_lite0 -S data.source=imagefolder \\
         -S data.root=/path/to/images -S weights=/path/to/lite0.pth -S data.image_size=96
-    python -m stages.study --strategies feature_extraction,finetune,scratch -S data.train_per_class=10,100,1000
+    python -m stages.study --strategies feature_extraction,finetune,lp_ft,scratch -S data.train_per_class=10,100,1000
         # the transfer curve: each strategy at each training-set size, against training from scratch
+    python -m stages.study --models timm/tf_efficientnet_lite0,timm/tf_efficientnet_lite2 -S weights=../shared/weights
+        # a folder of weights: each model its own file (<model>.pth or <model>.<tag>.pth)
 
 Each cell is one experiment queued with `dvc exp run --queue`, named by its model, strategy,
 seed and a hash of its params and commit (the same on every machine): the protocol's overrides
@@ -53,11 +55,12 @@ from stages.study import experiments, protocols, remotes, report
 from stages.study.experiments import dvc, flat
 from stages.study.options import OneLineParser, comma_list, seed_list
 
-STRATEGIES = ("feature_extraction", "finetune", "scratch")  # scratch: fine-tuning from random weights
+STRATEGIES = ("feature_extraction", "finetune", "lp_ft", "scratch")  # scratch: fine-tuning from random weights
 DEFAULT_STRATEGIES = ("feature_extraction", "finetune")  # the published study's two
 GRID_KEYS = ("model", "strategy", "seed")  # set by --models, --strategies and --seeds
 STAGES_OF = {"feature_extraction": ("prepare-data", "cache-features", "train-heads", "evaluate"),
-             "finetune": ("prepare-data", "finetune", "evaluate")}  # the stages whose params a cell's key can be
+             "finetune": ("prepare-data", "finetune", "evaluate"),  # the stages whose params a cell's key can be
+             "lp_ft": ("prepare-data", "cache-features", "train-heads", "finetune", "evaluate")}
 STAGES_OF["scratch"] = STAGES_OF["finetune"]
 NOT_SWEPT_FOR = {"scratch": ("weights",)}  # scratch cells keep weights: none
 PATH_KEYS = ("data.root", "weights")
@@ -395,7 +398,7 @@ def main():
                  pipeline)
     for cell in cells:  # a value that check-inputs would refuse stops the study before anything is queued
         validate(cell, workspace, args.sweeps)
-    fine_tunes = bool({"finetune", "scratch"} & set(args.strategies))
+    fine_tunes = bool({"finetune", "lp_ft", "scratch"} & set(args.strategies))
     processes = {**flat(workspace), **args.overrides}.get("finetune.processes", 1) if fine_tunes else 1
     gpus = gpu_groups(args.gpus, processes)
     mine = shard(cells, *args.shard)

@@ -31,7 +31,7 @@ def is_scratch(params: dict) -> bool:
 
 
 def strategy_of(params: dict) -> str:
-    """feature_extraction, finetune or scratch."""
+    """feature_extraction, finetune, lp_ft or scratch."""
     return "scratch" if is_scratch(params) else params.get("strategy")
 
 

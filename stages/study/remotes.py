@@ -92,7 +92,7 @@ def cell_name(cell: dict, expected_params: dict, baseline: str) -> str:
     strategy and seed to read, then a hash of every param and the baseline commit."""
     digest = hashlib.sha256(json.dumps([baseline, expected_params], sort_keys=True, default=str).encode())
     model = re.sub(r"[^A-Za-z0-9]+", "-", cell["model"].rsplit("/", 1)[-1]).strip("-")
-    short = {"feature_extraction": "fe", "finetune": "ft", "scratch": "sc"}[strategy_of(cell)]
+    short = {"feature_extraction": "fe", "finetune": "ft", "lp_ft": "lp", "scratch": "sc"}[strategy_of(cell)]
     return f"{model}-{short}-s{cell['seed']}-{digest.hexdigest()[:8]}"
 
 

@@ -46,7 +46,8 @@ def write(records: list[dict], folder: Path = OUT) -> None:
         published=[note or f"{a:.4f}" for a, note in zip(results["published_accuracy"], results["published_note"])],
         time_s=[_time(t, f, tr) for t, f, tr in zip(results["total_time_s"], results["features_time_s"], results["train_time_s"])],
         train_images_per_s=results["train_images_per_s"].round(0),
-        trainable_params=results["trainable_params"].map(lambda n: "" if pd.isna(n) else f"{int(n):,}"))
+        trainable_params=results["trainable_params"].map(lambda n: "" if pd.isna(n) else f"{int(n):,}"),
+        strategy=results["strategy"].map(lambda s: charts.STRATEGY_SHORT.get(s, s)))
     columns = ["model", "strategy", "protocol", "settings", "seeds", "accuracy", "published", "time_s",
                "train_images_per_s", "trainable_params", "problems"]
     if not results["settings"].any():
@@ -74,7 +75,8 @@ def gains_section(results: pd.DataFrame, key: str | None) -> str:
     gains = table.gains_over_scratch(results, key).assign(
         test_accuracy=lambda t: t["test_accuracy"].map("{:.4f}".format),
         gain_over_scratch=lambda t: t["gain_over_scratch"].map(lambda g: "" if pd.isna(g) else f"{g:+.1f}"),
-        time_s=lambda t: t["time_s"].map(lambda v: "" if pd.isna(v) else f"{v:.1f}"))
+        time_s=lambda t: t["time_s"].map(lambda v: "" if pd.isna(v) else f"{v:.1f}"),
+        strategy=lambda t: t["strategy"].map(lambda s: charts.STRATEGY_SHORT.get(s, s)))
     return (f"## Gain over training from scratch, per {key}\n\nTest accuracy (mean over the seeds), its gain "
             "in points over the scratch row of the same model, protocol and settings, and the whole cost of "
             f"one run (s). The curve: curve.png.\n\n{gains.to_markdown(index=False, disable_numparse=True)}\n\n")
