@@ -512,9 +512,9 @@ def test_each_gpu_runs_one_experiment_at_a_time_two_gpus_two_at_once_under_a_pro
     assert result.returncode == 1 and "2 experiment(s) failed" in result.stderr, result.stderr
     assert "broken on purpose" in Path("study/results.md").read_text()
     data = [e["revs"][0]["data"] for e in shown_experiments() if not e["revs"][0]["error"]]
-    for params in (d["params"]["params.yaml"]["data"] for d in data):
-        assert protocols.differences(params, "readme") == ["train_heads.epochs"]  # -S wins over the protocol
-        assert params["train_heads"]["epochs"] == 2
+    for ran in (d["params"]["params.yaml"]["data"] for d in data):
+        assert protocols.differences(ran, "readme") == ["train_heads.epochs"]  # -S wins over the protocol
+        assert ran["train_heads"]["epochs"] == 2
     timings = [d["metrics"]["metrics/metrics.json"]["data"]["run"] for d in data]
     assert len(timings) == 4 and {r["cuda_visible_devices"] for r in timings} == {"0", "1"}
     overlap = [(a, b) for i, a in enumerate(timings) for b in timings[i + 1:]
