@@ -13,7 +13,7 @@ import pytest
 import yaml
 from hydra.core.override_parser.overrides_parser import OverridesParser
 
-from stages.study import charts, experiments, grid as study, protocols, remotes, report
+from stages.study import charts, experiments, grid as study, protocols, queue, remotes, report
 from stages.pipeline import params
 from stages.pipeline.errors import UserError
 from stages.study.table import gains_over_scratch, results, runs
@@ -345,19 +345,19 @@ def test_a_worker_starts_per_gpu_once_the_ones_before_it_run_and_a_stalled_queue
                   ({"a": "failed", "b": "running", "c": "running"}, [None, None]),
                   ({"a": "failed", "b": "success", "c": "success"}, [])])
     seen, started = [], []
-    monkeypatch.setattr(study, "experiment_states", lambda names: seen.append(1) or next(polls))
-    monkeypatch.setattr(study, "start_worker", lambda gpu, number: started.append((gpu, number, len(seen))))
-    monkeypatch.setattr(study, "POLL_SECONDS", 0)
-    study.run_queue(["a", "b", "c"], ["0", "1"])
+    monkeypatch.setattr(queue, "experiment_states", lambda names: seen.append(1) or next(polls))
+    monkeypatch.setattr(queue, "start_worker", lambda gpu, number: started.append((gpu, number, len(seen))))
+    monkeypatch.setattr(queue, "POLL_SECONDS", 0)
+    queue.run_queue(["a", "b", "c"], ["0", "1"])
     assert started == [("0", 1, 1), ("1", 2, 3)]  # the second once the first runs an experiment
 
     dead = 2 ** 22 + 1  # above Linux's largest pid
-    monkeypatch.setattr(study, "experiment_states", lambda names: ({"a": "queued", "b": "running"}, [dead]))
+    monkeypatch.setattr(queue, "experiment_states", lambda names: ({"a": "queued", "b": "running"}, [dead]))
     with pytest.raises(SystemExit, match="the DVC queue stopped: 2 experiment"):
-        study.run_queue(["a", "b"], [])
-    polls = iter([({"a": "queued"}, [os.getpid()])] * study.STALL_POLLS + [({"a": "success"}, [])])
-    monkeypatch.setattr(study, "experiment_states", lambda names: next(polls))
-    study.run_queue(["a"], [])  # waits as long as another's experiment ahead of ours runs
+        queue.run_queue(["a", "b"], [])
+    polls = iter([({"a": "queued"}, [os.getpid()])] * queue.STALL_POLLS + [({"a": "success"}, [])])
+    monkeypatch.setattr(queue, "experiment_states", lambda names: next(polls))
+    queue.run_queue(["a"], [])  # waits as long as another's experiment ahead of ours runs
 
 
 @pytest.mark.parametrize("held", [{"a": "running", "b": "success", "c": "queued"},  # b finished meanwhile
@@ -376,10 +376,10 @@ def test_ctrl_c_reads_the_states_again_when_dvc_refuses_a_name_whose_state_chang
         held.update(dict.fromkeys(names, after))
 
     reads = iter([read])
-    monkeypatch.setattr(study, "experiment_states", lambda names: (next(reads, held), []))
-    monkeypatch.setattr(study, "dvc", dvc)
+    monkeypatch.setattr(queue, "experiment_states", lambda names: (next(reads, held), []))
+    monkeypatch.setattr(queue, "dvc", dvc)
     with pytest.raises(SystemExit) as stopped:
-        study.stop(["a", "b", "c"])
+        queue.stop(["a", "b", "c"])
     assert stopped.value.code == 130 and told[-1] == ("queue", "stop")
     assert held["a"] == "failed" and held["c"] in (None, "failed")  # the queued c removed, or killed once started
     assert not {"queued", "running"} & set(held.values())

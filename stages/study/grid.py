@@ -37,21 +37,18 @@ import argparse
 import itertools
 import os
 import re
-import signal
 import sys
-import time
 from pathlib import Path
 
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import OverrideType
 from hydra.errors import HydraException
-from tqdm import tqdm
 import yaml
 
 from stages import check_inputs
 from stages.pipeline import params
 from stages.pipeline.errors import UserError
-from stages.study import experiments, protocols, remotes, report
+from stages.study import experiments, protocols, queue, remotes, report
 from stages.study.experiments import dvc, flat
 from stages.study.options import OneLineParser, comma_list, seed_list
 
@@ -64,9 +61,6 @@ STAGES_OF = {"feature_extraction": ("prepare-data", "cache-features", "train-hea
 STAGES_OF["scratch"] = STAGES_OF["finetune"]
 NOT_SWEPT_FOR = {"scratch": ("weights",)}  # scratch cells keep weights: none
 PATH_KEYS = ("data.root", "weights")
-POLL_SECONDS = 5
-STALL_POLLS = 24  # two minutes with no experiment alive and no state changing: the queue has stopped
-STOP_TRIES = 5  # reads of the states on Ctrl-C, each followed by removing and killing what it shows
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -248,16 +242,6 @@ def expected(cell: dict, workspace: dict) -> dict:
     return {**flat(workspace), **{k: tuple(v) if isinstance(v, list) else v for k, v in cell.items()}}
 
 
-def queue(todo: list[dict], names: dict[int, str], records: list[dict]) -> None:
-    """One `dvc exp run --queue` per cell, under its name; a failed run of it leaves the queue first."""
-    failed = {r["name"] for r in records if r["state"] == "failed"}
-    for cell in todo:
-        name = names[id(cell)]
-        if name in failed:
-            dvc("queue", "remove", name)
-        dvc("exp", "run", "--queue", "--name", name, *protocols.set_flags(cell))
-
-
 def waited_for(pending: list[dict], todo: list[dict], names: dict[int, str], workspace: dict,
                records: list[dict]) -> list[str]:
     """The experiments this study waits for: those it queues, and for each pending cell the
@@ -265,114 +249,6 @@ def waited_for(pending: list[dict], todo: list[dict], names: dict[int, str], wor
     waiting = [r["name"] for cell in pending for r in matching(cell, workspace, records)[:1]
                if r["state"] in ("queued", "running")]
     return sorted({*waiting, *(names[id(cell)] for cell in todo)})
-
-
-def fail_dead_runs(records: list[dict]) -> list[dict]:
-    """Experiments left "running" by a machine that died: DVC keeps them so for good, and so they are
-    marked failed (`dvc queue kill`), to be run again."""
-    stale = [r for r in records if r["state"] == "running" and r["pid"] is not None and not alive(r["pid"])]
-    if stale:
-        dvc("queue", "kill", *(r["name"] for r in stale))
-    return [{**r, "state": "failed"} if r in stale else r for r in records]
-
-
-def run_queue(names: list[str], gpus: list[str], on_success=lambda names: None) -> None:
-    """Starts one queue worker per GPU and waits for the experiments, with a progress bar.
-
-    `dvc queue start -j k` starts the workers numbered 1..k that are not alive, each a daemon that
-    inherits our environment and runs one experiment at a time. So worker k+1 starts, with its own
-    CUDA_VISIBLE_DEVICES, only once k experiments run: then workers 1..k are alive and only it is new.
-    A worker stops after 10 s with nothing queued; until then one left by an earlier study keeps
-    that study's GPU, and this one counts it among its own. Each experiment that succeeds is passed,
-    once, to on_success.
-    """
-    workers, quiet, last, succeeded = 0, 0, None, set()
-    with tqdm(total=len(names), desc="experiments", unit="exp") as bar:
-        while True:
-            states, pids = experiment_states(names)
-            finished = sum(state in ("success", "failed", None) for state in states.values())
-            bar.update(finished - bar.n)
-            newly = [name for name, state in states.items() if state == "success" and name not in succeeded]
-            if newly:
-                on_success(newly)
-                succeeded.update(newly)
-            if finished == len(names):
-                return
-            running = sum(state == "running" for state in states.values())
-            queued = sum(state == "queued" for state in states.values())
-            if queued and workers < max(1, len(gpus)) and running >= workers:
-                start_worker(gpus[workers] if gpus else None, workers + 1)
-                workers += 1
-            # Progress: a state changed, or some experiment in the repository (ours or another's ahead
-            # of ours) still has a live process
-            snapshot = sorted(states.values(), key=str)
-            quiet = 0 if snapshot != last or any(map(alive, pids)) else quiet + 1
-            if quiet >= STALL_POLLS:
-                raise SystemExit(f"error: the DVC queue stopped: {len(names) - finished} experiment(s) unfinished "
-                                 f"and none running for {STALL_POLLS * POLL_SECONDS} s (did its workers die? see "
-                                 "`dvc queue status`); python -m stages.study.report shows what finished")
-            last = snapshot
-            time.sleep(POLL_SECONDS)
-
-
-def experiment_states(names: list[str]) -> tuple[dict, list]:
-    """From `dvc exp show --json`: {name: state} of ours (None: gone), and the pid of every running
-    experiment's process (None while it sets up)."""
-    shown, pids = {}, []
-    for experiment in (e for baseline in experiments.exp_show() for e in baseline.get("experiments") or []):
-        executor = experiments.executor_of(experiment)
-        shown[experiment.get("name")] = executor["state"]
-        if executor["state"] == "running":
-            pids.append((executor.get("local") or {}).get("pid"))
-    return {name: shown.get(name) for name in names}, pids
-
-
-def start_worker(gpu: str | None, number: int) -> None:
-    env = None if gpu is None else {**os.environ, "CUDA_VISIBLE_DEVICES": gpu}
-    dvc("queue", "start", "--jobs", str(number), env=env)
-
-
-def alive(pid: int | None) -> bool:
-    if pid is None:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
-    return True
-
-
-def stop(names: list[str]) -> None:
-    """Ctrl-C: this study's running experiments killed, its queued ones removed, the queue's workers
-    stopped, so that nothing it started goes on; then exit 130. Finished experiments stay, and the
-    killed ones count as failed, so the same command run again resumes with what is left."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not leave the queue half-stopped
-    print("interrupted: stopping this study's experiments and the queue's workers ...", file=sys.stderr, flush=True)
-    removed, killed = set(), set()
-    for attempt in range(STOP_TRIES):
-        states, _ = experiment_states(names)
-        queued = [name for name, state in states.items() if state == "queued"]
-        running = [name for name, state in states.items() if state == "running"]
-        if not queued and not running:
-            break
-        try:
-            if queued:
-                dvc("queue", "remove", *queued)
-                removed.update(queued)
-            for name in running:  # one at a time: DVC kills the names it finds, then refuses the rest
-                dvc("queue", "kill", "--force", name)
-                killed.add(name)
-        except experiments.DvcFailed:
-            # Between the read and the command an experiment started or finished, and DVC refuses a
-            # name no longer in the state asked for: read the states again
-            if attempt == STOP_TRIES - 1:
-                raise
-    dvc("queue", "stop")
-    print(f"stopped: {len(killed)} running experiment(s) killed and {len(removed)} queued one(s) removed; "
-          "run the same command again to resume (finished cells are not run again)", file=sys.stderr)
-    sys.exit(130)
 
 
 def record_for(cell: dict, workspace: dict, records: list[dict]) -> dict:
@@ -390,17 +266,7 @@ def main():
         remotes.check(args.remote)
     shown = experiments.exp_show()
     workspace = experiments.workspace_params(shown)
-    unknown = [key for key in [*args.overrides, *args.sweeps] if key not in flat(workspace)]
-    if unknown:
-        raise UserError(f"-S {unknown[0]}: no such key in params.yaml")
-    pipeline = yaml.safe_load(Path("dvc.yaml").read_text())
-    cells = grid(args.models, args.strategies, args.seeds, args.overrides, args.sweeps, args.scratch_overrides,
-                 pipeline)
-    for cell in cells:  # a value that check-inputs would refuse stops the study before anything is queued
-        validate(cell, workspace, args.sweeps)
-    fine_tunes = bool({"finetune", "lp_ft", "scratch"} & set(args.strategies))
-    processes = {**flat(workspace), **args.overrides}.get("finetune.processes", 1) if fine_tunes else 1
-    gpus = gpu_groups(args.gpus, processes)
+    cells = validated_cells(args, workspace)
     mine = shard(cells, *args.shard)
     if not mine:  # a scheduler's array with more tasks than cells: the other tasks have them all
         print(f"shard {args.shard[0]}/{args.shard[1]} ({args.shard_source}): no cells, the grid has only "
@@ -409,39 +275,71 @@ def main():
     if args.remote:
         remotes.pull(args.remote)  # a cell that another machine finished is done here too
         shown = experiments.exp_show()
-    baseline = remotes.baseline_commit()
-    names = {id(cell): remotes.cell_name(cell, expected(cell, workspace), baseline) for cell in mine}
-    records = fail_dead_runs(experiments.records(shown))
-    done, pending, todo = plan(mine, workspace, records)
-    print(f"shard {args.shard[0]}/{args.shard[1]} ({args.shard_source}): {len(mine)} of {len(cells)} cells; "
-          f"{len(done)} already done; queueing {len(todo)}"
-          + (f"; waiting for {len(pending)} already queued or running" if pending else ""))
-    pushed, push_failures = set(), []
+    sharing = Sharing(args.remote)
+    run_cells(args, mine, len(cells), workspace, experiments.records(shown), sharing)
+    finish(mine, workspace, sharing)
 
-    def share(finished: list[str]) -> None:
-        """Pushes what finished here as it finishes, so that nothing is lost if this machine dies next."""
-        if not args.remote or not set(finished) - pushed:
+
+def validated_cells(args: argparse.Namespace, workspace: dict) -> list[dict]:
+    """The grid's cells, each validated as check-inputs would, before anything is queued."""
+    unknown = [key for key in [*args.overrides, *args.sweeps] if key not in flat(workspace)]
+    if unknown:
+        raise UserError(f"-S {unknown[0]}: no such key in params.yaml")
+    pipeline = yaml.safe_load(Path("dvc.yaml").read_text())
+    cells = grid(args.models, args.strategies, args.seeds, args.overrides, args.sweeps, args.scratch_overrides,
+                 pipeline)
+    for cell in cells:
+        validate(cell, workspace, args.sweeps)
+    return cells
+
+
+class Sharing:
+    """With --remote, each experiment pushed the moment it succeeds, so that nothing is lost if this
+    machine dies next; a failed push is kept to be told at the end."""
+    def __init__(self, remote: str | None):
+        self.remote, self.pushed, self.failures = remote, set(), []
+
+    def __call__(self, finished: list[str]) -> None:
+        new = sorted(set(finished) - self.pushed)
+        if not self.remote or not new:
             return
         try:
-            new = sorted(set(finished) - pushed)
-            remotes.push(args.remote, new)
-            pushed.update(new)
-            print(f"pushed {', '.join(new)} to {args.remote}", flush=True)
+            remotes.push(self.remote, new)
+            self.pushed.update(new)
+            print(f"pushed {', '.join(new)} to {self.remote}", flush=True)
         except (UserError, experiments.DvcFailed) as error:
-            push_failures.append(str(error).removeprefix("error: "))
+            self.failures.append(str(error).removeprefix("error: "))
 
+
+def run_cells(args: argparse.Namespace, mine: list[dict], total: int, workspace: dict, records: list[dict],
+              share: Sharing) -> None:
+    """Queues this shard's cells that have no experiment yet and waits for them (and for those an earlier
+    run left queued or running), one queue worker per GPU (group)."""
+    fine_tunes = bool({"finetune", "lp_ft", "scratch"} & set(args.strategies))
+    processes = {**flat(workspace), **args.overrides}.get("finetune.processes", 1) if fine_tunes else 1
+    gpus = gpu_groups(args.gpus, processes)
+    baseline = remotes.baseline_commit()
+    names = {id(cell): remotes.cell_name(cell, expected(cell, workspace), baseline) for cell in mine}
+    records = queue.fail_dead_runs(records)
+    done, pending, todo = plan(mine, workspace, records)
+    print(f"shard {args.shard[0]}/{args.shard[1]} ({args.shard_source}): {len(mine)} of {total} cells; "
+          f"{len(done)} already done; queueing {len(todo)}"
+          + (f"; waiting for {len(pending)} already queued or running" if pending else ""))
     share([record_for(cell, workspace, records)["name"] for cell in done])  # finished before a restart
     try:
         if todo:
-            queue(todo, names, records)
+            queue.enqueue(todo, names, records)
         waiting = waited_for(pending, todo, names, workspace, experiments.records(experiments.exp_show()))
         if waiting:
             print(f"running on {'; '.join(f'GPU {g}' for g in gpus) or 'one worker, no GPU'}")
-            run_queue(waiting, gpus, share)
+            queue.run_queue(waiting, gpus, share)
             dvc("queue", "remove", "--success")  # the experiments stay in `dvc exp show`; only the queue's list clears
     except KeyboardInterrupt:
-        stop(waited_for(pending, todo, names, workspace, experiments.records(experiments.exp_show())))
+        queue.stop(waited_for(pending, todo, names, workspace, experiments.records(experiments.exp_show())))
 
+
+def finish(mine: list[dict], workspace: dict, share: Sharing) -> None:
+    """The report of this shard's cells; exit non-zero if an experiment or a push failed."""
     finished = experiments.records(experiments.exp_show())
     results = [record_for(cell, workspace, finished) for cell in mine]
     share([r["name"] for r in results if r["state"] == "success"])
@@ -450,6 +348,5 @@ def main():
     failures = [f"{r['name']}: {r['error']}" for r in results if r["error"]]
     if failures:
         raise SystemExit(f"error: {len(failures)} experiment(s) failed: " + "; ".join(failures))
-    if push_failures:
-        raise SystemExit(f"error: {len(push_failures)} push(es) to {args.remote} failed: " + "; ".join(push_failures))
-
+    if share.failures:
+        raise SystemExit(f"error: {len(share.failures)} push(es) to {share.remote} failed: " + "; ".join(share.failures))
