@@ -18,16 +18,18 @@ from stages.pipeline.errors import UserError
 from stages.pipeline.outputs import replaced
 from stages.pipeline.params import PARAMS_FILE
 
-PIPELINE_FILE = "dvc.yaml"
+ROOT = Path(__file__).resolve().parents[2]  # the project whose code runs: its dvc.yaml and stages/
 
 
 def stage_identity(stage: str, weights: str) -> str:
     """sha256 of the stage's deps' content, the weights file's (a dep that check-inputs stands in
-    for) and its params' values, as dvc.yaml lists them."""
-    declared = yaml.safe_load(Path(PIPELINE_FILE).read_text())["stages"][stage]
+    for) and its params' values, as dvc.yaml lists them. Code deps are read where the code is, the
+    others in the working folder (the same one, but for a stage run by hand elsewhere)."""
+    declared = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"][stage]
     values = yaml.safe_load(Path(PARAMS_FILE).read_text())
     files = [*declared.get("deps", []), *([weights] if Path(weights).is_file() else [])]
-    return hashlib.sha256(json.dumps({"deps": {path: content_sha256(Path(path)) for path in files},
+    located = {path: ROOT / path if path.startswith("stages/") else Path(path) for path in files}
+    return hashlib.sha256(json.dumps({"deps": {path: content_sha256(where) for path, where in located.items()},
                                       "params": {key: dotted(values, key) for key in declared.get("params", [])}},
                                      sort_keys=True).encode()).hexdigest()
 
