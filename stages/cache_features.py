@@ -57,7 +57,7 @@ def main():
     total = sum(count for count, _ in splits.values())
     outputs.write_json(outputs.FEATURES / "manifest.json", {
         "model": p.model, "weights": p.weights, "image_size": p.data.image_size, "crop_pct": p.data.crop_pct,
-        "dtype": "float16", "autocast": "bfloat16" if bf16 or device.type == "cuda" else None, "splits": splits,
+        "dtype": "float16", "precision": devices.precision(device, bf16), "splits": splits,
         "device": device.type})
     outputs.write_json(outputs.FEATURE_METRICS, {"time_s": round(seconds, 2), "images_per_s": round(total / seconds, 1)})
     print(f"cached {total} feature vectors of {dim} values at {total / seconds:.1f} images/s on {device}"

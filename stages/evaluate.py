@@ -43,10 +43,11 @@ def main():
     model = devices.maybe_compile(devices.place(network.model, device), p.compile)
     preprocess = network.preprocess.at(p.data.image_size, p.data.crop_pct)
 
-    def on_images(chosen) -> dict:
-        """The whole model's logits for test images `chosen`, per flip that evaluate.flip asks for."""
-        return {flip: inference.predict(model, inputs.image_inputs(images[chosen], preprocess, p.evaluate.batch_size,
-                                                                   device, flip), device, bf16)
+    def on_images(chosen: np.ndarray | None = None) -> dict:
+        """The whole model's logits for the test images (those at `chosen`), per flip that evaluate.flip asks for."""
+        shown = images if chosen is None else images[chosen]
+        return {flip: inference.predict(model, inputs.image_inputs(shown, preprocess, p.evaluate.batch_size, device,
+                                                                   flip), device, bf16)
                 for flip in ((False, True) if p.evaluate.flip else (False,))}
 
     started = time.perf_counter()
@@ -55,7 +56,7 @@ def main():
         sample = check_sample(len(labels))
         cache_check = compare_with_cache({flip: part[sample] for flip, part in logits.items()}, on_images(sample))
     else:
-        logits = on_images(slice(None))
+        logits = on_images()
     averaged = sum(logits.values()) / len(logits)
     seconds = round(time.perf_counter() - started, 2)
     loss, accuracy = inference.loss_and_accuracy(averaged, torch.from_numpy(labels))
@@ -64,7 +65,7 @@ def main():
     cost_parts = [outputs.read_json(outputs.FEATURE_METRICS)["time_s"], trained.time_s(p.strategy), seconds]
     metrics = {"test": {"accuracy": accuracy, "loss": loss}, "total_time_s": round(sum(cost_parts), 2),
                "evaluate_time_s": seconds,
-               "run": {"device": devices.describe(device), "inference": "bf16 autocast" if bf16 else "float32",
+               "run": {"device": devices.describe(device), "inference": devices.precision(device, bf16),
                        "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}}
     if feature_extraction:
         metrics["cache_check"] = cache_check

@@ -35,6 +35,11 @@ def autocast(device: torch.device, cpu_bf16: bool = False):
     return contextlib.nullcontext()
 
 
+def precision(device: torch.device, cpu_bf16: bool = False) -> str:
+    """What autocast() computes in, as the stages record it."""
+    return "bfloat16" if device.type == "cuda" or cpu_bf16 else "float32"
+
+
 def bf16_on_cpu(setting) -> bool:
     """Whether inference on the CPU runs under bf16 autocast: params.yaml's cpu_bf16 (auto or false)."""
     return setting == "auto" and cpu_has_bf16()
