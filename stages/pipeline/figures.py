@@ -2,7 +2,8 @@
 
 Not matplotlib: evaluate draws both in every cell of a study, and matplotlib's import and two
 figures cost 1.1 s a cell on a 2-core CPU, PIL's 0.05 s (README "Speed"). Learning curves come
-from DVCLive's files through `dvc plots`; the study's charts are in stages/study/charts.py.
+from DVCLive's files through `dvc plots`; the study's charts are drawn with matplotlib in
+stages/study/charts.py and saved by save() here.
 """
 from pathlib import Path
 
@@ -63,7 +64,7 @@ def confusion(matrix: np.ndarray, classes: list[str], title: str, path: Path) ->
     for value, y in ((1, top), (0.5, top + side // 2), (0, top + side)):
         draw.text((bar_left + 20, y), f"{value:g}", fill=BLACK, font=face, anchor="lm")
     draw.text((bar_left, top + side + 6), "share of the\ntrue class", fill=BLACK, font=font(11))
-    save(canvas, path)
+    write(canvas, path)
 
 
 def prediction_grid(images: np.ndarray, labels: np.ndarray, predicted: np.ndarray, classes: list[str],
@@ -87,9 +88,17 @@ def prediction_grid(images: np.ndarray, labels: np.ndarray, predicted: np.ndarra
         text = classes[guess] + ("" if right else f"\n(true: {classes[truth]})")
         draw.multiline_text((x + side // 2, y + side + 3), text, fill=BLACK if right else RED, font=face,
                             anchor="ma", align="center")
-    save(canvas, path)
+    write(canvas, path)
 
 
-def save(image: Image.Image, path: Path) -> None:
+def write(image: Image.Image, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     image.save(path)
+
+
+def save(fig, path: Path) -> None:
+    """A matplotlib figure (the study's charts) as a PNG at `path`, then closed."""
+    import matplotlib.pyplot as plt  # here alone: evaluate's figures above need no matplotlib
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110, bbox_inches="tight")  # the whole drawing, a legend beside the axes included
+    plt.close(fig)
