@@ -2,8 +2,9 @@
 
     python -m stages.cache_features      # or: dvc repro cache-features
 
-Writes data/features/{train,train_flip,val,test}.npy (fp16 N×D, memory-mappable, written as
-they come) and manifest.json; its time goes to metrics/features.json, never into the data.
+Writes data/features/{train,train_flip,val,test,test_flip}.npy (fp16 N×D, memory-mappable,
+written as they come; train_flip with features.flip, test_flip with evaluate.flip, for evaluate)
+and manifest.json; its time goes to metrics/features.json, never into the data.
 With strategy finetune it writes only a note that says so: fine-tuning trains on images, and
 DVC's run-cache keeps the features of the other variant (lp_ft shares feature extraction's).
 """
@@ -34,10 +35,11 @@ def main():
     outputs.require(outputs.PREPARED / "manifest.json")
     outputs.fresh_folder(outputs.FEATURES)
     device = devices.setup(p.device)
+    bf16 = devices.bf16_on_cpu(p.cpu_bf16)
     network = backbones.build(p.model, p.model_weights, arrays.num_classes(outputs.PREPARED), p.data.image_size)
     body = prepare_body(network.body, device)
-    jobs = [("train", False), ("train", True), ("val", False), ("test", False)]
-    jobs = [(split, flip) for split, flip in jobs if p.features.flip or not flip]
+    flips = {"train": p.features.flip, "val": False, "test": p.evaluate.flip}
+    jobs = [(split, flip) for split in arrays.SPLITS for flip in (False, True) if flips[split] or not flip]
     images = {split: arrays.open_split(outputs.PREPARED, split)[0] for split in arrays.SPLITS}
     preprocess = network.preprocess.at(p.data.image_size, p.data.crop_pct)
     dim = feature_dim(body, preprocess, device)
@@ -49,15 +51,17 @@ def main():
         split_images = images[split]
         batches = inputs.image_inputs(split_images, preprocess, p.features.batch_size, device, flip=flip)
         write_features(fast_body, batches, len(split_images), p.features.batch_size, dim, outputs.FEATURES / f"{name}.npy",
-                       device, name)
+                       device, name, bf16)
         splits[name] = [len(split_images), dim]
     seconds = time.perf_counter() - started
     total = sum(count for count, _ in splits.values())
     outputs.write_json(outputs.FEATURES / "manifest.json", {
         "model": p.model, "weights": p.weights, "image_size": p.data.image_size, "crop_pct": p.data.crop_pct,
-        "dtype": "float16", "splits": splits, "device": device.type})
+        "dtype": "float16", "precision": devices.precision(device, bf16), "splits": splits,
+        "device": device.type})
     outputs.write_json(outputs.FEATURE_METRICS, {"time_s": round(seconds, 2), "images_per_s": round(total / seconds, 1)})
-    print(f"cached {total} feature vectors of {dim} values at {total / seconds:.1f} images/s on {device}")
+    print(f"cached {total} feature vectors of {dim} values at {total / seconds:.1f} images/s on {device}"
+          f"{' (bf16 autocast)' if bf16 else ''}")
 
 
 def prepare_body(body: torch.nn.Module, device: torch.device) -> torch.nn.Module:
@@ -78,7 +82,8 @@ def check_free_space(folder: Path, needed: int) -> None:
 
 
 @torch.no_grad()
-def write_features(body, batches, count: int, batch_size: int, dim: int, path: Path, device, desc: str) -> None:
+def write_features(body, batches, count: int, batch_size: int, dim: int, path: Path, device, desc: str,
+                   cpu_bf16: bool = False) -> None:
     """Streams fp16 features into a .npy file as they come: its header, then each batch's rows in
     order. On the GPU the copy to (pinned) host memory is asynchronous and a writer thread waits
     for it and writes, so the GPU never waits for the disk; on the CPU each batch is written in
@@ -93,7 +98,7 @@ def write_features(body, batches, count: int, batch_size: int, dim: int, path: P
     with open(path, "wb") as file, ThreadPoolExecutor(1) as writer:
         np.lib.format.write_array_header_1_0(file, header)
         for x, rows in tqdm(batches, desc=desc, total=-(-count // batch_size), unit="batch", mininterval=2):
-            with devices.autocast(device):
+            with devices.autocast(device, cpu_bf16):
                 out = body(x)
             batch = flat.view(out.shape).copy_(out).view(batch_size, dim)[:rows]
             if device.type != "cuda":

@@ -27,11 +27,27 @@ def setup(device_param: str, seed: int = 0) -> torch.device:
     return device
 
 
-def autocast(device: torch.device):
-    """bf16 autocast on the GPU; float32 on the CPU, where results are also deterministic."""
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+def autocast(device: torch.device, cpu_bf16: bool = False):
+    """bf16 autocast on the GPU, and on the CPU for inference with `cpu_bf16` (bf16_on_cpu); else
+    float32. Training on the CPU stays float32."""
+    if device.type == "cuda" or cpu_bf16:
+        return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def precision(device: torch.device, cpu_bf16: bool = False) -> str:
+    """What autocast() computes in, as the stages record it."""
+    return "bfloat16" if device.type == "cuda" or cpu_bf16 else "float32"
+
+
+def bf16_on_cpu(setting) -> bool:
+    """Whether inference on the CPU runs under bf16 autocast: params.yaml's cpu_bf16 (auto or false)."""
+    return setting == "auto" and cpu_has_bf16()
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU computes in bf16 natively (AVX512-BF16 or AMX), rather than emulating it."""
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
 
 
 def place(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:

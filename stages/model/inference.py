@@ -17,13 +17,15 @@ def feature_inputs(features: torch.Tensor, device: torch.device) -> Iterator[tup
 
 
 @torch.no_grad()
-def predict(model: nn.Module, inputs: Iterable[tuple[torch.Tensor, int]], device: torch.device) -> torch.Tensor:
+def predict(model: nn.Module, inputs: Iterable[tuple[torch.Tensor, int]], device: torch.device,
+            cpu_bf16: bool = False) -> torch.Tensor:
     """float32 logits on the CPU, in the order of the inputs; each batch keeps its first `count` rows.
-    They stay on the device until the end: one copy to the host, no synchronisation per batch."""
+    They stay on the device until the end: one copy to the host, no synchronisation per batch.
+    `cpu_bf16`: under bf16 autocast on the CPU too (devices.bf16_on_cpu)."""
     model.eval()
     outputs = []
     for x, count in inputs:
-        with autocast(device):
+        with autocast(device, cpu_bf16):
             outputs.append(model(x)[:count].float())
     return torch.cat(outputs).cpu()
 

@@ -191,6 +191,7 @@ class Params:
     weights: str
     strategy: Literal["feature_extraction", "finetune", "lp_ft"]
     device: Literal["auto", "cpu", "cuda"]
+    cpu_bf16: Literal["auto", False]
     compile: bool
     data: DataParams
     features: FeatureParams
@@ -325,7 +326,7 @@ def _fits(value, hint) -> bool:
 def _describe(hint) -> str:
     origin = typing.get_origin(hint)
     if origin is Literal:
-        return "one of " + ", ".join(map(str, typing.get_args(hint)))
+        return "one of " + ", ".join(str(a).lower() if isinstance(a, bool) else str(a) for a in typing.get_args(hint))
     if origin in (Union, types.UnionType):
         return " or ".join(_describe(arg) for arg in typing.get_args(hint))
     return {type(None): "null", float: "a number", int: "an integer",

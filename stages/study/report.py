@@ -44,7 +44,8 @@ def write(records: list[dict], folder: Path = OUT) -> None:
         accuracy=[_mean_std(m, s, n, f) for m, s, n, f in
                   zip(results["accuracy_mean"], results["accuracy_std"], results["runs_ok"], results["failed"])],
         published=[note or f"{a:.4f}" for a, note in zip(results["published_accuracy"], results["published_note"])],
-        time_s=[_time(t, f, tr) for t, f, tr in zip(results["total_time_s"], results["features_time_s"], results["train_time_s"])],
+        time_s=[_time(*parts) for parts in zip(results["total_time_s"], results["features_time_s"],
+                                               results["train_time_s"], results["evaluate_time_s"])],
         train_images_per_s=results["train_images_per_s"].round(0),
         trainable_params=results["trainable_params"].map(lambda n: "" if pd.isna(n) else f"{int(n):,}"),
         strategy=results["strategy"].map(lambda s: charts.STRATEGY_SHORT.get(s, s)))
@@ -59,7 +60,7 @@ def write(records: list[dict], folder: Path = OUT) -> None:
         "# Study results\n\nTest accuracy as mean ± std over seeds, one row per set of params but the seed. "
         "published: the study's number, where the row ran its notebook's protocol on the same data, weights "
         "and image size, else why it does not compare. time_s: the whole cost of a run, feature cache "
-        "+ training.\n\n"
+        "+ training + evaluation (lp_ft: + its probe).\n\n"
         f"{markdown}\n\n{gains_section(results, key)}## Provenance\n{table.provenance(runs)}\n")
     figures.save(charts.study_bars(results), folder / "accuracy.png")
     figures.save(charts.cost_accuracy(results), folder / "cost_accuracy.png")
@@ -88,10 +89,11 @@ def _mean_std(mean, std, count, failed) -> str:
     return f"{mean:.4f}" if count < 2 else f"{mean:.4f} ± {std:.4f}"
 
 
-def _time(total, features, train) -> str:
+def _time(total, *parts) -> str:
+    """The whole cost, and its parts where every one was recorded (evaluation's since evaluate times itself)."""
     if pd.isna(total):
         return ""
-    return f"{total:.1f}" if pd.isna(features) or pd.isna(train) else f"{total:.1f} ({features:.1f} + {train:.1f})"
+    return f"{total:.1f}" if any(pd.isna(p) for p in parts) else f"{total:.1f} ({' + '.join(f'{p:.1f}' for p in parts)})"
 
 
 def main():

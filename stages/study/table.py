@@ -19,16 +19,18 @@ PUBLISHED = {("alexnet", "feature_extraction"): 0.8132, ("alexnet", "finetune"):
 TRAINING = "training"  # stands for the metrics file of the run's training stage, by its strategy
 MEASURES = {  # column: (metrics file, key in it)
     "test_accuracy": (outputs.METRICS, "test.accuracy"),
-    "total_time_s": (outputs.METRICS, "total_time_s"),  # the whole cost: the two parts below
+    "total_time_s": (outputs.METRICS, "total_time_s"),  # the whole cost: the parts below (lp_ft: and its probe)
     "features_time_s": (outputs.FEATURE_METRICS, "time_s"),
     "train_time_s": (TRAINING, "time_s"),
+    "evaluate_time_s": (outputs.METRICS, "evaluate_time_s"),
     "train_images_per_s": (TRAINING, "images_per_s"),
     "trainable_params": (TRAINING, "trainable_params"),
     "ran_on": (outputs.METRICS, "run.device"),
 }
 NUMBERS = [column for column in MEASURES if column != "ran_on"]
 COLUMNS = ["model", "strategy", "protocol", "settings", "published_accuracy", "published_note", "seeds", "runs_ok",
-           "accuracy_mean", "accuracy_std", "total_time_s", "features_time_s", "train_time_s", "train_images_per_s",
+           "accuracy_mean", "accuracy_std", "total_time_s", "features_time_s", "train_time_s", "evaluate_time_s",
+           "train_images_per_s",
            "trainable_params", "problems", "failed"]  # results()'s, besides the swept params: an empty table's too
 
 
@@ -65,7 +67,7 @@ def results(experiments: pd.DataFrame) -> pd.DataFrame:
         runs_ok=("test_accuracy", "count"), accuracy_mean=("test_accuracy", "mean"),
         accuracy_std=("test_accuracy", "std"),  # pandas' sample std: NaN for one seed
         **{column: (column, "mean") for column in ("total_time_s", "features_time_s", "train_time_s",
-                                                   "train_images_per_s")},
+                                                   "evaluate_time_s", "train_images_per_s")},
         trainable_params=("trainable_params", "first"),
         problems=("problem", lambda found: "; ".join(found.dropna())), failed=("failed", "sum"))
     settings = unique.drop_duplicates("key").set_index("key")[grouping]
