@@ -1,5 +1,5 @@
 """The device a stage runs on: choice, seeding, bf16 autocast, channels_last, torch.compile.
-(Several processes under torchrun: torchrun.py.)"""
+(Several processes under torchrun: stages/training/distributed.py.)"""
 import contextlib
 
 import torch
