@@ -32,7 +32,8 @@ def main():
     p = params.load()
     feature_extraction = p.strategy == "feature_extraction"
     outputs.require(outputs.PREPARED / "manifest.json", outputs.TRAINED[p.strategy], trained.summary_file(p.strategy),
-                    outputs.FEATURE_METRICS, *([outputs.FEATURES / "manifest.json"] if feature_extraction else []))
+                    outputs.FEATURE_METRICS, *([outputs.FEATURES / "manifest.json"] if feature_extraction else []),
+                    *([trained.summary_file("feature_extraction")] if p.strategy == "lp_ft" else []))
     device = devices.setup(p.device)
     bf16 = devices.bf16_on_cpu(p.cpu_bf16)
     classes = arrays.load_manifest(outputs.PREPARED)["classes"]

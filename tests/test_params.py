@@ -120,6 +120,7 @@ def test_a_folder_of_weights_gives_each_model_its_own_file(project):
     folder.mkdir()
     for name in ("tf_efficientnet_lite0.in1k.pth", "tf_efficientnet_lite2.in1k.pth", "resnet18.pth", "notes.txt"):
         (folder / name).write_bytes(b"")
+    (folder / "resnet18.old.pth").mkdir()  # a folder with a weights file's name is not one
     for model, file in (("timm/tf_efficientnet_lite0", "tf_efficientnet_lite0.in1k.pth"),
                         ("timm/tf_efficientnet_lite2", "tf_efficientnet_lite2.in1k.pth"), ("resnet18", "resnet18.pth")):
         set_params(project / "params.yaml", {"weights": str(folder), "model": model})

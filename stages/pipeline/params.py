@@ -234,11 +234,11 @@ class Params:
         """`weights`, or for a folder the one file in it named after the model (timm/ left out):
         <name>.pth, or <name>.<anything>.pth (.pt, .safetensors), such as tf_efficientnet_lite0.in1k.pth."""
         folder = Path(self.weights)
-        if not folder.is_dir():
+        if self.weights in ("imagenet", "none") or not folder.is_dir():
             return self.weights
         name = self.model.removeprefix("timm/")
         found = sorted(str(f) for f in folder.iterdir() if f.name.endswith(WEIGHTS_SUFFIXES)
-                       and (f.name.startswith(name + ".")))
+                       and f.name.startswith(name + ".") and f.is_file())
         _require(len(found) == 1, "weights", f"holds {len(found)} files for model {self.model} ({', '.join(found) or 'none'}): "
                  f"it needs one, named {name}.pth (or {name}.<tag>.pth)", self.weights)
         return found[0]

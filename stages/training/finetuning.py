@@ -29,6 +29,9 @@ def train(p: params.Params) -> None:
     train_images, train_labels = (inputs.to_device(a, device) for a in arrays.open_train_subset(
         outputs.PREPARED, p.data.train_per_class, p.seed))
     val_images, val_labels = (inputs.to_device(a, device) for a in arrays.open_split(outputs.PREPARED, "val"))
+    if len(train_labels) < world:
+        raise UserError(f"finetune.processes is {world}, more than the {len(train_labels)} training images: "
+                        "lower finetune.processes")
     if len(train_labels) < cfg.batch_size:  # one batch of all of them, so that every size gets its steps
         print(f"batch of {len(train_labels)}: finetune.batch_size {cfg.batch_size} is more than the training images")
         cfg = dataclasses.replace(cfg, batch_size=len(train_labels))
@@ -51,7 +54,7 @@ def train(p: params.Params) -> None:
                                  train_images, train_labels, cfg, preprocess, generator, rank, world),
                              len(train_labels), validate if len(val_labels) else None, state_of=model,
                              # the probe's val accuracy is fair unless it was trained on val too
-                             start_is_a_candidate=probe is not None and not probe["saw_val"],
+                             start_is_a_candidate=probe is not None and not probe.get("saw_val", True),
                              norms_in_eval=cfg.freeze_norm_stats)
     fitted = loop.fit(training, cfg, p.seed, device, outputs.LIVE["finetune"], saved)
     if loop.is_writer():
