@@ -338,14 +338,3 @@ def _parse_float(text: str):
         return float(text)
     except ValueError:
         return text
-
-
-def check_model_name(name: str) -> None:
-    """Imports torchvision's or timm's model registry (seconds): the check-inputs stage calls it."""
-    if name.startswith("timm/"):
-        import timm
-        known = bool(timm.list_models(name.removeprefix("timm/")))
-    else:
-        import torchvision
-        known = name in torchvision.models.list_models(module=torchvision.models)
-    _require(known, "model", "is not a torchvision classification model nor timm/<a timm model name>", name)
