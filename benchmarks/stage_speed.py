@@ -162,7 +162,7 @@ def finetune_runs(network, images, labels, p, s):
     train_images, train_labels = images.to(s.device), labels.to(s.device)
 
     def ours():
-        checkpoints = Checkpoints(s.folder / "checkpoints", "benchmark", s.device, cfg.checkpoint_interval_s)
+        checkpoints = Checkpoints(s.folder / "checkpoints", "benchmark", cfg.checkpoint_interval_s)
         loop.fit(loop.Training(fast_model, groups, lambda generator: finetuning.train_batches(
                      train_images, train_labels, cfg, network.preprocess.at(s.image_size, s.crop_pct), generator),
                      len(train_labels), state_of=model),
