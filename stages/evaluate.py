@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from stages.data import arrays, inputs
-from stages.model import backbones, devices, hardware, inference
+from stages.model import backbones, devices, hardware, inference, probe_layers
 from stages.pipeline import figures, outputs, params, trained
 from stages.pipeline.errors import UserError, run_stage
 
@@ -39,7 +39,8 @@ def main():
     classes = arrays.load_manifest(outputs.PREPARED)["classes"]
     images, labels = arrays.open_split(outputs.PREPARED, "test")
     probe_layer = p.train_heads.probe_layer if feature_extraction else "penultimate"
-    network = backbones.build(p.model, p.model_weights, len(classes), p.data.image_size, probe_layer)
+    network = probe_layers.reading(backbones.build(p.model, p.model_weights, len(classes), p.data.image_size),
+                                   probe_layer, len(classes))
     trained.load_into(network, p.strategy)
     model = devices.maybe_compile(devices.place(network.model, device), p.compile)
     preprocess = network.preprocess.at(p.data.image_size, p.data.crop_pct)

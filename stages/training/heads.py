@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from stages.data import arrays, inputs
-from stages.model import backbones, devices, inference
+from stages.model import backbones, devices, inference, probe_layers
 from stages.pipeline import outputs, params, trained
 from stages.training import loop, probe
 
@@ -21,7 +21,7 @@ def train(p: params.Params) -> None:
     device = devices.setup(p.device, p.seed)
     names = arrays.load_manifest(outputs.PREPARED)["classes"]
     classes = len(names)
-    network = backbones.build(p.model, p.model_weights, classes, probe_layer=cfg.probe_layer)
+    network = probe_layers.reading(backbones.build(p.model, p.model_weights, classes), cfg.probe_layer, classes)
     set_head_trainable(network, cfg.trainable)
     head = network.head.to(device)
     train_labels = arrays.open_split(outputs.PREPARED, "train")[1]
