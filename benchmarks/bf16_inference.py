@@ -24,7 +24,7 @@ import torch
 
 from stages.cache_features import prepare_body
 from stages.data import inputs
-from stages.model import backbones, devices
+from stages.model import backbones, hardware
 
 REPO = Path(__file__).resolve().parent.parent
 LITE0 = REPO.parent / "shared" / "weights" / "tf_efficientnet_lite0.in1k.pth"
@@ -45,7 +45,7 @@ def main():
     parser.add_argument("--seeds", default="0,1,2", help="accuracy: seeds")
     args = parser.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU capability "
-          f"{torch.backends.cpu.get_cpu_capability()}, native bf16 (AVX512-BF16 or AMX): {devices.cpu_has_bf16()}")
+          f"{torch.backends.cpu.get_cpu_capability()}, native bf16 (AVX512-BF16 or AMX): {hardware.cpu_has_bf16()}")
     speed(args) if args.what == "speed" else accuracy(args)
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from stages.data import inputs
-from stages.model import backbones, devices
+from stages.model import backbones, devices, hardware
 from stages.cache_features import feature_dim, prepare_body, write_features
 
 
@@ -68,7 +68,7 @@ def main():
             cached_rates.append(cached(Path(folder) / "features.npy"))
     bare_rate, cached_rate = statistics.median(bare_rates), statistics.median(cached_rates)
     print(f"{args.model} at {args.image_size} px (crop_pct {args.crop_pct}), batch {args.batch_size}, "
-          f"{devices.describe(device)}")
+          f"{hardware.describe(device)}")
     print(f"bare forward:   {bare_rate:8.1f} images/s")
     print(f"cache-features: {cached_rate:8.1f} images/s")
     print(f"ratio:          {cached_rate / bare_rate:8.3f}")

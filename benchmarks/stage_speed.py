@@ -42,7 +42,7 @@ from PIL import Image
 from torch import nn
 
 from stages.data import inputs
-from stages.model import backbones, devices, inference
+from stages.model import backbones, devices, hardware, inference
 from stages.pipeline import params
 from stages.training import finetuning, heads, loop
 from stages.training.checkpoints import Checkpoints
@@ -92,7 +92,7 @@ def main():
     images = torch.randint(0, 256, (n, 32, 32, 3), dtype=torch.uint8)
     labels = torch.randint(0, 10, (n,))
     dtype = "bf16 autocast" if device.type == "cuda" else "float32"
-    print(f"{devices.describe(device)}, {dtype}, {n} images of 32 px -> {size['image_size']} px "
+    print(f"{hardware.describe(device)}, {dtype}, {n} images of 32 px -> {size['image_size']} px "
           f"(crop_pct {p.data.crop_pct}), compile {args.compile}")
 
     rows, naive_rows = [], []
@@ -162,7 +162,7 @@ def finetune_runs(network, images, labels, p, s):
     train_images, train_labels = images.to(s.device), labels.to(s.device)
 
     def ours():
-        checkpoints = Checkpoints(s.folder / "checkpoints", "benchmark", s.device, cfg.checkpoint_interval_s)
+        checkpoints = Checkpoints(s.folder / "checkpoints", "benchmark", cfg.checkpoint_interval_s)
         loop.fit(loop.Training(fast_model, groups, lambda generator: finetuning.train_batches(
                      train_images, train_labels, cfg, network.preprocess.at(s.image_size, s.crop_pct), generator),
                      len(train_labels), state_of=model),

@@ -19,7 +19,7 @@ import torch
 from tqdm import tqdm
 
 from stages.data import arrays, inputs
-from stages.model import backbones, devices
+from stages.model import backbones, devices, hardware
 from stages.pipeline import outputs, params
 from stages.pipeline.errors import UserError, run_stage
 
@@ -35,7 +35,7 @@ def main():
     outputs.require(outputs.PREPARED / "manifest.json")
     outputs.fresh_folder(outputs.FEATURES)
     device = devices.setup(p.device)
-    bf16 = devices.bf16_on_cpu(p.cpu_bf16)
+    bf16 = hardware.bf16_on_cpu(p.cpu_bf16)
     network = backbones.build(p.model, p.model_weights, arrays.num_classes(outputs.PREPARED), p.data.image_size)
     body = prepare_body(network.body, device)
     flips = {"train": p.features.flip, "val": False, "test": p.evaluate.flip}
@@ -57,7 +57,7 @@ def main():
     total = sum(count for count, _ in splits.values())
     outputs.write_json(outputs.FEATURES / "manifest.json", {
         "model": p.model, "weights": p.weights, "image_size": p.data.image_size, "crop_pct": p.data.crop_pct,
-        "dtype": "float16", "precision": devices.precision(device, bf16), "splits": splits,
+        "dtype": "float16", "precision": hardware.precision(device, bf16), "splits": splits,
         "device": device.type})
     outputs.write_json(outputs.FEATURE_METRICS, {"time_s": round(seconds, 2), "images_per_s": round(total / seconds, 1)})
     print(f"cached {total} feature vectors of {dim} values at {total / seconds:.1f} images/s on {device}"

@@ -46,7 +46,7 @@ def main():
 
 
 def check_model(name: str, image_size: int) -> None:
-    """The model's name (params.check_model_name imports the model registries: seconds) and that
+    """The model's name (check_model_name imports the model registries: seconds) and that
     its body takes images of `image_size` (built on the meta device: seconds too), each once per
     registry version: what passed is remembered in KNOWN_MODELS."""
     checker = importlib.util.find_spec("stages.model.backbones").origin  # found without importing torch
@@ -57,11 +57,23 @@ def check_model(name: str, image_size: int) -> None:
     if image_size in sizes.get(name, []):
         return
     if name not in sizes:
-        params.check_model_name(name)
+        check_model_name(name)
     from stages.model import backbones  # torch, only when a model or size is new
     backbones.check_image_size(name, image_size)
     remember(KNOWN_MODELS, {registries: {**sizes, name: sorted({*sizes.get(name, []), image_size})}})
 
+
+
+def check_model_name(name: str) -> None:
+    if name.startswith("timm/"):
+        import timm
+        known = bool(timm.list_models(name.removeprefix("timm/")))
+    else:
+        import torchvision
+        known = name in torchvision.models.list_models(module=torchvision.models)
+    if not known:
+        raise params.ParamError("params.yaml: model is not a torchvision classification model nor timm/<a timm model "
+                                "name>", name, restore_hint=True)
 
 def check_train_per_class(data: params.DataParams, train_counts: dict[str, int] | None = None) -> None:
     """data.train_per_class against the training images that each class will have after the cap and

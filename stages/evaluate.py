@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from stages.data import arrays, inputs
-from stages.model import backbones, devices, inference
+from stages.model import backbones, devices, hardware, inference, probe_layers
 from stages.pipeline import figures, outputs, params, trained
 from stages.pipeline.errors import UserError, run_stage
 
@@ -35,11 +35,12 @@ def main():
                     outputs.FEATURE_METRICS, *([outputs.FEATURES / "manifest.json"] if feature_extraction else []),
                     *([trained.summary_file("feature_extraction")] if p.strategy == "lp_ft" else []))
     device = devices.setup(p.device)
-    bf16 = devices.bf16_on_cpu(p.cpu_bf16)
+    bf16 = hardware.bf16_on_cpu(p.cpu_bf16)
     classes = arrays.load_manifest(outputs.PREPARED)["classes"]
     images, labels = arrays.open_split(outputs.PREPARED, "test")
     probe_layer = p.train_heads.probe_layer if feature_extraction else "penultimate"
-    network = backbones.build(p.model, p.model_weights, len(classes), p.data.image_size, probe_layer)
+    network = probe_layers.reading(backbones.build(p.model, p.model_weights, len(classes), p.data.image_size),
+                                   probe_layer, len(classes))
     trained.load_into(network, p.strategy)
     model = devices.maybe_compile(devices.place(network.model, device), p.compile)
     preprocess = network.preprocess.at(p.data.image_size, p.data.crop_pct)
@@ -67,7 +68,7 @@ def main():
                   *([trained.time_s("feature_extraction")] if p.strategy == "lp_ft" else [])]  # its probe
     metrics = {"test": {"accuracy": accuracy, "loss": loss}, "total_time_s": round(sum(cost_parts), 2),
                "evaluate_time_s": seconds,
-               "run": {"device": devices.describe(device), "inference": devices.precision(device, bf16),
+               "run": {"device": hardware.describe(device), "inference": hardware.precision(device, bf16),
                        "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}}
     if feature_extraction:
         metrics["cache_check"] = cache_check

@@ -12,7 +12,7 @@ import torch
 
 from stages import cache_features, check_inputs, evaluate, prepare_data, train_heads
 from stages.data import arrays, inputs
-from stages.model import backbones, devices, inference
+from stages.model import backbones, devices, hardware, inference
 from stages.pipeline import outputs, params, trained
 from stages.pipeline.errors import UserError
 from tests.conftest import CHANCE, REPO, set_params
@@ -63,7 +63,7 @@ def full_model_accuracy() -> float:
     model = devices.place(network.model, device)
     preprocess = network.preprocess.at(p.data.image_size, p.data.crop_pct)
     logits = sum(inference.predict(model, inputs.image_inputs(images, preprocess, 64, device, flip), device,
-                                   devices.bf16_on_cpu(p.cpu_bf16)) for flip in (False, True))
+                                   hardware.bf16_on_cpu(p.cpu_bf16)) for flip in (False, True))
     return inference.loss_and_accuracy(logits, torch.from_numpy(labels))[1]
 
 

@@ -42,7 +42,7 @@ def fit(tmp_path, config: TrainParams, val_accuracies=None, validation=True, che
     training = loop.Training(model, [{"params": model.parameters(), "lr": config.lr}], batches, len(y),
                              validate if validation else None, start_is_a_candidate=start)
     return loop.fit(training, config, 0, torch.device("cpu"), tmp_path / "live",
-                    Checkpoints(checkpoint, "test", torch.device("cpu")) if checkpoint else None)
+                    Checkpoints(checkpoint, "test") if checkpoint else None)
 
 
 def checkpoint_file(folder):
@@ -114,10 +114,10 @@ def test_host_copies_are_copies_with_the_same_memory_layout():
 
 
 def test_checkpoints_are_written_once_their_interval_of_training_has_passed(tmp_path):
-    every_epoch = Checkpoints(tmp_path / "a", "test", torch.device("cpu"), interval_s=0)
+    every_epoch = Checkpoints(tmp_path / "a", "test", interval_s=0)
     fit(tmp_path / "a", cfg(epochs=3), checkpoint=tmp_path / "a")
     assert len(every_epoch.load()["progress"]["history"]) == 2  # after epochs 1 and 2; the stage saves the last
-    assert Checkpoints(tmp_path / "a", "other", torch.device("cpu")).load() is None  # another run's identity
-    rarely = Checkpoints(tmp_path / "b", "test", torch.device("cpu"), interval_s=3600)
+    assert Checkpoints(tmp_path / "a", "other").load() is None  # another run's identity
+    rarely = Checkpoints(tmp_path / "b", "test", interval_s=3600)
     assert [rarely.due(0.4) for _ in range(3)] == [False, False, False]
-    assert Checkpoints(tmp_path / "c", "test", torch.device("cpu"), interval_s=1.0).due(1.0)
+    assert Checkpoints(tmp_path / "c", "test", interval_s=1.0).due(1.0)

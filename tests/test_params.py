@@ -5,6 +5,7 @@ import sys
 import pytest
 import yaml
 
+from stages import check_inputs
 from stages.pipeline import params
 from stages.study import protocols
 from tests.conftest import FAST, set_params, stage
@@ -80,7 +81,7 @@ def test_a_bad_value_names_its_key_and_how_to_restore_the_file(project, changes,
 def test_an_unknown_model_is_caught_by_check_inputs(project, model):
     set_params(project / "params.yaml", {"model": model})
     with pytest.raises(params.ParamError, match="model is not a torchvision classification model"):
-        params.check_model_name(params.load().model)
+        check_inputs.check_model_name(params.load().model)
 
 
 def test_unknown_and_missing_keys_are_named(project):

@@ -144,14 +144,6 @@ def read_rows(images: np.ndarray, start: int, out: np.ndarray) -> np.ndarray:
 TO_DEVICE_ROWS = 4096  # images per copy of a memory-mapped split to the GPU
 
 
-def fits_on(device: torch.device, nbytes: int) -> bool:
-    """Whether `nbytes` more fit in the device's free memory with room to spare (always on the CPU)."""
-    if device.type != "cuda":
-        return True
-    free, _total = torch.cuda.mem_get_info(device)
-    return nbytes < 0.5 * free
-
-
 def to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
     """The array as a tensor on the device. On the CPU a memory-mapped split stays mapped (its pages
     are read as they are used, and the kernel may drop them); on the GPU it is copied in batches."""

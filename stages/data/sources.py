@@ -1,10 +1,12 @@
 """Data sources, decoded for prepare-data: the per-class cap, the stratified validation carve,
-and the images written as data.py's prepared arrays.
+and the images written as arrays.py's prepared arrays.
 
 Every source gives each of its splits as labels plus a reader of chosen images, so that
 `data.limit_per_class` picks images before any file is decoded.
 """
+import json
 import os
+import struct
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,7 +16,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 from tqdm import tqdm
 
-from stages.data.arrays import SPLITS, DataError, ImageFile, rng, write_labels, write_manifest
+from stages.data.arrays import SPLITS, DataError, rng
 from stages.pipeline.params import DataParams, resize_side
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
@@ -195,6 +197,42 @@ def in_memory(images: np.ndarray) -> tuple[Callable, Callable]:
     return (lambda indices: [side] * len(indices),
             lambda indices, _side, _skipped: ((int(i), images[i]) for i in tqdm(indices, desc="write", unit="img",
                                                                      mininterval=2, disable=len(indices) < 20000)))
+
+
+# --- writing the prepared arrays (arrays.py reads them) -------------------------------------
+
+class ImageFile:
+    """A split's uint8 N×S×S×3 .npy file written one image at a time, for at most `capacity` images;
+    its header is rewritten with the count at the end, padded to the length it had."""
+
+    def __init__(self, folder: Path, split: str, capacity: int, side: int):
+        self.file, self.side, self.count = open(folder / f"{split}_images.npy", "wb"), side, 0
+        self.header_length = len(npy_header((capacity, side, side, 3)))
+        self.file.write(npy_header((capacity, side, side, 3)))
+
+    def write(self, image: np.ndarray) -> None:
+        self.file.write(np.ascontiguousarray(image, dtype=np.uint8).data)
+        self.count += 1
+
+    def close(self) -> None:
+        self.file.seek(0)
+        self.file.write(npy_header((self.count, self.side, self.side, 3), self.header_length))
+        self.file.close()
+
+
+def npy_header(shape: tuple, length: int | None = None, dtype=np.uint8) -> bytes:
+    """A .npy (version 1.0) header, padded with spaces to `length` bytes, or to a multiple of 64."""
+    text = repr({"descr": np.dtype(dtype).str, "fortran_order": False, "shape": tuple(shape)})
+    length = length or -(-(len(text) + 11) // 64) * 64
+    return b"\x93NUMPY\x01\x00" + struct.pack("<H", length - 10) + (text.ljust(length - 11) + "\n").encode("latin1")
+
+
+def write_labels(folder: Path, split: str, labels: np.ndarray) -> None:
+    np.save(folder / f"{split}_labels.npy", labels)
+
+
+def write_manifest(folder: Path, manifest: dict) -> None:
+    (folder / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
 
 
 # --- CIFAR-10 and CIFAR-100: torchvision's datasets ------------------------------------------

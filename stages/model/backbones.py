@@ -35,32 +35,16 @@ class Network:
         return self.model[1]
 
 
-def build(name: str, weights: str, num_classes: int, image_size: int | None = None,
-          probe_layer: str = "penultimate") -> Network:
+def build(name: str, weights: str, num_classes: int, image_size: int | None = None) -> Network:
     """`weights`: imagenet (torchvision's weights API or timm's hub), none, or a state_dict file.
-    With `image_size`, checks first that the body accepts images of that size. `probe_layer`: what
-    the new last Linear reads (train_heads.probe_layer): the classifier's own input (penultimate),
-    or, for AlexNet and VGG, FC6's output after its ReLU (fc6) or the body's output (body)."""
+    With `image_size`, checks first that the body accepts images of that size. (A probe of AlexNet's
+    or VGG's fc6 or body: probe_layers.reading.)"""
     if image_size is not None:
         check_image_size(name, image_size)
     net, preprocess = _network(name, weights == "imagenet")
     if weights not in ("imagenet", "none"):
         load_state_dict_file(net, Path(weights))
-    network = _split(net, num_classes, preprocess)
-    if probe_layer != "penultimate":
-        network.model[1] = _head_reading(network.head, probe_layer, num_classes)
-    return network
-
-
-def _head_reading(classifier: nn.Module, layer: str, num_classes: int) -> nn.Module:
-    """AlexNet's or VGG's classifier cut after FC6's ReLU (fc6), or nothing of it (body), then a new Linear."""
-    if not isinstance(classifier, nn.Sequential):
-        raise UserError(f"params.yaml: train_heads.probe_layer {layer} needs AlexNet's or VGG's FC6 and FC7; "
-                        "use penultimate for this model")
-    fc6 = next(i for i, m in enumerate(classifier) if isinstance(m, nn.Linear))
-    if layer == "body":
-        return nn.Linear(classifier[fc6].in_features, num_classes)
-    return nn.Sequential(*classifier[:fc6 + 2], nn.Linear(classifier[fc6].out_features, num_classes))
+    return _split(net, num_classes, preprocess)
 
 
 def _network(name: str, pretrained: bool):

@@ -1,5 +1,6 @@
 """The device a stage runs on: choice, seeding, bf16 autocast, channels_last, torch.compile.
-(Several processes under torchrun: stages/training/distributed.py.)"""
+(Several processes under torchrun: stages/training/distributed.py; what inference records of the
+machine: stages/model/hardware.py.)"""
 import contextlib
 
 import torch
@@ -28,26 +29,11 @@ def setup(device_param: str, seed: int = 0) -> torch.device:
 
 
 def autocast(device: torch.device, cpu_bf16: bool = False):
-    """bf16 autocast on the GPU, and on the CPU for inference with `cpu_bf16` (bf16_on_cpu); else
+    """bf16 autocast on the GPU, and on the CPU for inference with `cpu_bf16` (hardware.bf16_on_cpu); else
     float32. Training on the CPU stays float32."""
     if device.type == "cuda" or cpu_bf16:
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
-
-
-def precision(device: torch.device, cpu_bf16: bool = False) -> str:
-    """What autocast() computes in, as the stages record it."""
-    return "bfloat16" if device.type == "cuda" or cpu_bf16 else "float32"
-
-
-def bf16_on_cpu(setting) -> bool:
-    """Whether inference on the CPU runs under bf16 autocast: params.yaml's cpu_bf16 (auto or false)."""
-    return setting == "auto" and cpu_has_bf16()
-
-
-def cpu_has_bf16() -> bool:
-    """Whether this CPU computes in bf16 natively (AVX512-BF16 or AMX), rather than emulating it."""
-    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
 
 
 def place(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
@@ -58,9 +44,3 @@ def place(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
 def maybe_compile(module: torch.nn.Module, enabled: bool) -> torch.nn.Module:
     """torch.compile'd when `compile: true`; the parameters stay shared with `module`."""
     return torch.compile(module) if enabled else module
-
-
-def describe(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"cpu ({torch.get_num_threads()} threads)"

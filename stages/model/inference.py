@@ -21,7 +21,7 @@ def predict(model: nn.Module, inputs: Iterable[tuple[torch.Tensor, int]], device
             cpu_bf16: bool = False) -> torch.Tensor:
     """float32 logits on the CPU, in the order of the inputs; each batch keeps its first `count` rows.
     They stay on the device until the end: one copy to the host, no synchronisation per batch.
-    `cpu_bf16`: under bf16 autocast on the CPU too (devices.bf16_on_cpu)."""
+    `cpu_bf16`: under bf16 autocast on the CPU too (hardware.bf16_on_cpu)."""
     model.eval()
     outputs = []
     for x, count in inputs:

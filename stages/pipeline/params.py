@@ -7,6 +7,7 @@ every other stage, so that `dvc repro` stops before DVC deletes any stage's outp
 What each setting means is said once, in params.yaml's comments; here are their types and limits.
 """
 import math
+import operator
 import types
 import typing
 from dataclasses import dataclass, fields
@@ -52,30 +53,6 @@ class DataParams:
     max_image_pixels: int
     synthetic: SyntheticParams
 
-    def __post_init__(self):
-        _require(self.split_seed >= 0, "data.split_seed", "must be >= 0", self.split_seed)
-        _require(self.image_size >= 16, "data.image_size", "must be at least 16", self.image_size)
-        _require(0 < self.crop_pct <= 1, "data.crop_pct", "must be in (0, 1]", self.crop_pct)
-        _require(0 <= self.val_fraction < 1, "data.val_fraction", "must be in [0, 1)", self.val_fraction)
-        _require(self.limit_per_class is None or self.limit_per_class > 0,
-                 "data.limit_per_class", "must be a positive integer or null", self.limit_per_class)
-        _require(self.train_per_class is None or self.train_per_class > 0, "data.train_per_class",
-                 "must be a positive integer or null (every training image)", self.train_per_class)
-        _require(self.stored_size is None or self.stored_size >= 8, "data.stored_size",
-                 "must be at least 8, or null", self.stored_size)
-        _require(self.stored_size in (None, 32) or not self.source.startswith("cifar"), "data.stored_size",
-                 "must be null or 32 for CIFAR, whose images are 32 px", self.stored_size)
-        _require(self.max_image_pixels > 0, "data.max_image_pixels", "must be positive", self.max_image_pixels)
-        _require(self.synthetic.classes >= 2, "data.synthetic.classes", "must be at least 2", self.synthetic.classes)
-        for key in ("train_per_class", "test_per_class"):
-            value = getattr(self.synthetic, key)
-            _require(value > 0, f"data.synthetic.{key}", "must be positive", value)
-        if self.source == "imagefolder":
-            for split in ("train", "test"):
-                _require(Path(self.root, split).is_dir(), "data.root",
-                         f"must hold {split}/<class>/ image folders; set it to your image folder's root",
-                         self.root)
-
     @property
     def has_validation(self) -> bool:
         """A validation split exists: carved from train, or the image folder's own val/."""
@@ -86,9 +63,6 @@ class DataParams:
 class FeatureParams:
     batch_size: int
     flip: bool
-
-    def __post_init__(self):
-        _require(self.batch_size > 0, "features.batch_size", "must be positive", self.batch_size)
 
 
 @dataclass(frozen=True)
@@ -106,10 +80,6 @@ class TrainParams:
     patience: Union[int, None]
     label_smoothing: float
 
-    @property
-    def section(self) -> str:
-        return "finetune" if isinstance(self, FinetuneParams) else "train_heads"
-
     def steps_per_epoch(self, n_train: int) -> int:
         """A pass over the training images, or an equal share of min_steps if that is more: few
         images then get as many steps as many do (BiT-HyperRule's fixed step count for small data)."""
@@ -118,34 +88,12 @@ class TrainParams:
     def steps_per_pass(self, n_train: int) -> int:
         return math.ceil(n_train / self.batch_size)
 
-    def __post_init__(self):
-        section = self.section
-        _require(self.lr > 0, f"{section}.lr", "must be positive", self.lr)
-        _require(0 <= self.momentum < 1, f"{section}.momentum", "must be in [0, 1)", self.momentum)
-        _require(not self.nesterov or (self.optimizer == "sgd" and self.momentum > 0), f"{section}.nesterov",
-                 "needs optimizer sgd and a momentum above 0", self.nesterov)
-        _require(self.weight_decay >= 0, f"{section}.weight_decay", "must be >= 0", self.weight_decay)
-        _require(self.epochs > 0, f"{section}.epochs", "must be positive", self.epochs)
-        _require(self.min_steps >= 0, f"{section}.min_steps", "must be >= 0", self.min_steps)
-        _require(self.batch_size > 0, f"{section}.batch_size", "must be positive", self.batch_size)
-        _require(0 <= self.warmup_epochs < self.epochs, f"{section}.warmup_epochs",
-                 f"must be in [0, {section}.epochs)", self.warmup_epochs)
-        _require(self.patience is None or self.patience > 0, f"{section}.patience",
-                 "must be a positive integer or null", self.patience)
-        _require(0 <= self.label_smoothing < 1, f"{section}.label_smoothing", "must be in [0, 1)",
-                 self.label_smoothing)
-
 
 @dataclass(frozen=True)
 class HeadParams(TrainParams):
     trainable: Literal["last", "classifier"]
     solver: Literal["minibatch", "lbfgs"]
     probe_layer: Literal["penultimate", "fc6", "body"]
-
-    def __post_init__(self):
-        super().__post_init__()
-        _require(self.solver == "minibatch" or self.trainable == "last", "train_heads.solver",
-                 "lbfgs fits the last Linear alone: set train_heads.trainable: last", self.solver)
 
 
 @dataclass(frozen=True)
@@ -162,26 +110,11 @@ class FinetuneParams(TrainParams):
     def steps_per_pass(self, n_train: int) -> int:
         return n_train // self.batch_size if self.drop_last else super().steps_per_pass(n_train)
 
-    def __post_init__(self):
-        super().__post_init__()
-        _require(self.processes >= 1, "finetune.processes", "must be at least 1", self.processes)
-        _require(self.batch_size >= self.processes, "finetune.batch_size",
-                 "must be at least finetune.processes (the global batch is split across them)", self.batch_size)
-        _require(self.unfreeze == "all" or self.unfreeze >= 0, "finetune.unfreeze",
-                 "must be a number of blocks >= 0, or 'all'", self.unfreeze)
-        _require(self.backbone_lr > 0, "finetune.backbone_lr", "must be positive", self.backbone_lr)
-        _require(self.crop_padding >= 0, "finetune.crop_padding", "must be >= 0", self.crop_padding)
-        _require(self.checkpoint_interval_s >= 0, "finetune.checkpoint_interval_s", "must be >= 0",
-                 self.checkpoint_interval_s)
-
 
 @dataclass(frozen=True)
 class EvaluateParams:
     batch_size: int
     flip: bool
-
-    def __post_init__(self):
-        _require(self.batch_size > 0, "evaluate.batch_size", "must be positive", self.batch_size)
 
 
 @dataclass(frozen=True)
@@ -198,36 +131,6 @@ class Params:
     train_heads: HeadParams
     finetune: FinetuneParams
     evaluate: EvaluateParams
-
-    def __post_init__(self):
-        _require(self.seed >= 0, "seed", "must be >= 0", self.seed)
-        if self.weights not in ("imagenet", "none"):
-            _require(Path(self.weights).exists(), "weights", "must be imagenet, none, the path of an existing "
-                     "state_dict file, or a folder of them named after the models", self.weights)
-            _require(self.model_weights.endswith(WEIGHTS_SUFFIXES), "weights",
-                     "a state_dict file must end in .pth, .pt or .safetensors", self.weights)
-        _require(self.strategy != "lp_ft" or self.weights != "none", "strategy",
-                 "lp_ft fine-tunes from a probe of pretrained features, and weights is none: that is training from "
-                 "scratch, strategy finetune", self.strategy)
-        _require(self.strategy != "lp_ft" or self.train_heads.probe_layer == "penultimate", "train_heads.probe_layer",
-                 "must be penultimate with strategy lp_ft: finetune starts from the probe as the model's own head",
-                 self.train_heads.probe_layer)
-        _require(self.model.strip() == self.model and self.model not in ("", "timm/"), "model",
-                 "must name a torchvision model or timm/<name>", self.model)
-        stored = self.data.stored_size or (None if self.data.source == "imagefolder" else 32)
-        if stored:  # an image folder's own size is known once it is prepared: finetune checks it then
-            check_crop_padding(self.finetune.crop_padding, stored)
-        _require(self.train_heads.probe_layer == "penultimate" or self.model == "alexnet"
-                 or self.model.startswith("vgg"), "train_heads.probe_layer",
-                 "fc6 and body need AlexNet's or VGG's classifier: use penultimate", self.train_heads.probe_layer)
-        if not self.data.has_validation:
-            _require(self.train_heads.solver == "minibatch", "train_heads.solver",
-                     "lbfgs chooses its L2 strength on a validation split: set data.val_fraction above 0",
-                     self.train_heads.solver)
-            for train in (self.train_heads, self.finetune):
-                _require(train.patience is None, f"{train.section}.patience",
-                         "needs a validation split: set data.val_fraction above 0, or patience: null", train.patience)
-
 
     @property
     def model_weights(self) -> str:
@@ -253,6 +156,69 @@ class Params:
         return self.strategy in ("finetune", "lp_ft")
 
 
+# The limits of the values, per section: (setting, rule, ok(value, section)), checked in this order
+# once the section is built (data.synthetic before data, the sections before the whole). Those of
+# "train" hold in train_heads and finetune alike.
+LIMITS = {
+    "data.synthetic": [("classes", "must be at least 2", lambda v, s: v >= 2),
+                       ("train_per_class", "must be positive", lambda v, s: v > 0),
+                       ("test_per_class", "must be positive", lambda v, s: v > 0)],
+    "data": [
+        ("split_seed", "must be >= 0", lambda v, d: v >= 0),
+        ("image_size", "must be at least 16", lambda v, d: v >= 16),
+        ("crop_pct", "must be in (0, 1]", lambda v, d: 0 < v <= 1),
+        ("val_fraction", "must be in [0, 1)", lambda v, d: 0 <= v < 1),
+        ("limit_per_class", "must be a positive integer or null", lambda v, d: v is None or v > 0),
+        ("train_per_class", "must be a positive integer or null (every training image)", lambda v, d: v is None or v > 0),
+        ("stored_size", "must be at least 8, or null", lambda v, d: v is None or v >= 8),
+        ("stored_size", "must be null or 32 for CIFAR, whose images are 32 px",
+         lambda v, d: v in (None, 32) or not d.source.startswith("cifar")),
+        ("max_image_pixels", "must be positive", lambda v, d: v > 0),
+        *[("root", f"must hold {split}/<class>/ image folders; set it to your image folder's root",
+           lambda v, d, split=split: d.source != "imagefolder" or Path(v, split).is_dir()) for split in ("train", "test")]],
+    "features": [("batch_size", "must be positive", lambda v, f: v > 0)],
+    "train": [
+        ("lr", "must be positive", lambda v, t: v > 0),
+        ("momentum", "must be in [0, 1)", lambda v, t: 0 <= v < 1),
+        ("nesterov", "needs optimizer sgd and a momentum above 0", lambda v, t: not v or (t.optimizer == "sgd" and t.momentum > 0)),
+        ("weight_decay", "must be >= 0", lambda v, t: v >= 0),
+        ("epochs", "must be positive", lambda v, t: v > 0),
+        ("min_steps", "must be >= 0", lambda v, t: v >= 0),
+        ("batch_size", "must be positive", lambda v, t: v > 0),
+        ("warmup_epochs", "must be in [0, {section}.epochs)", lambda v, t: 0 <= v < t.epochs),
+        ("patience", "must be a positive integer or null", lambda v, t: v is None or v > 0),
+        ("label_smoothing", "must be in [0, 1)", lambda v, t: 0 <= v < 1)],
+    "train_heads": [("solver", "lbfgs fits the last Linear alone: set train_heads.trainable: last",
+                     lambda v, h: v == "minibatch" or h.trainable == "last")],
+    "finetune": [
+        ("processes", "must be at least 1", lambda v, f: v >= 1),
+        ("batch_size", "must be at least finetune.processes (the global batch is split across them)",
+         lambda v, f: v >= f.processes),
+        ("unfreeze", "must be a number of blocks >= 0, or 'all'", lambda v, f: v == "all" or v >= 0),
+        ("backbone_lr", "must be positive", lambda v, f: v > 0),
+        ("crop_padding", "must be >= 0", lambda v, f: v >= 0),
+        ("checkpoint_interval_s", "must be >= 0", lambda v, f: v >= 0)],
+    "evaluate": [("batch_size", "must be positive", lambda v, e: v > 0)],
+    "": [
+        ("seed", "must be >= 0", lambda v, p: v >= 0),
+        ("weights", "must be imagenet, none, the path of an existing state_dict file, or a folder of them named after "
+         "the models", lambda v, p: v in ("imagenet", "none") or Path(v).exists()),
+        ("weights", "a state_dict file must end in .pth, .pt or .safetensors",
+         lambda v, p: v in ("imagenet", "none") or p.model_weights.endswith(WEIGHTS_SUFFIXES)),
+        ("strategy", "lp_ft fine-tunes from a probe of pretrained features, and weights is none: that is training "
+         "from scratch, strategy finetune", lambda v, p: v != "lp_ft" or p.weights != "none"),
+        ("train_heads.probe_layer", "must be penultimate with strategy lp_ft: finetune starts from the probe as the "
+         "model's own head", lambda v, p: p.strategy != "lp_ft" or v == "penultimate"),
+        ("model", "must name a torchvision model or timm/<name>", lambda v, p: v.strip() == v and v not in ("", "timm/")),
+        ("train_heads.probe_layer", "fc6 and body need AlexNet's or VGG's classifier: use penultimate",
+         lambda v, p: v == "penultimate" or p.model == "alexnet" or p.model.startswith("vgg")),
+        ("train_heads.solver", "lbfgs chooses its L2 strength on a validation split: set data.val_fraction above 0",
+         lambda v, p: p.data.has_validation or v == "minibatch"),
+        *[(f"{section}.patience", "needs a validation split: set data.val_fraction above 0, or patience: null",
+           lambda v, p: p.data.has_validation or v is None) for section in ("train_heads", "finetune")]],
+}
+
+
 def load(path=PARAMS_FILE) -> Params:
     try:
         raw = yaml.safe_load(Path(path).read_text())
@@ -265,7 +231,11 @@ def load(path=PARAMS_FILE) -> Params:
 
 def validate(raw: dict) -> Params:
     """Params from params.yaml's content (nested), or the ParamError of its first mistake."""
-    return _build(Params, raw, prefix="")
+    p = _build(Params, raw, prefix="")
+    stored = p.data.stored_size or (None if p.data.source == "imagefolder" else 32)
+    if stored:  # an image folder's own size is known once it is prepared: finetune checks it then
+        check_crop_padding(p.finetune.crop_padding, stored)
+    return p
 
 
 def resize_side(size: int, crop_pct: float) -> int:
@@ -305,7 +275,12 @@ def _build(cls, raw, prefix: str):
             values[name] = float(value) if hint is float else value
         else:
             _require(False, key, f"must be {_describe(hint)}", value)
-    return cls(**values)
+    built = cls(**values)
+    for group in (["train"] if issubclass(cls, TrainParams) else []) + [prefix.rstrip(".")]:
+        for name, rule, ok in LIMITS.get(group, []):
+            value = operator.attrgetter(name)(built)
+            _require(ok(value, built), prefix + name, rule.format(section=prefix.rstrip(".")), value)
+    return built
 
 
 def _fits(value, hint) -> bool:
@@ -338,14 +313,3 @@ def _parse_float(text: str):
         return float(text)
     except ValueError:
         return text
-
-
-def check_model_name(name: str) -> None:
-    """Imports torchvision's or timm's model registry (seconds): the check-inputs stage calls it."""
-    if name.startswith("timm/"):
-        import timm
-        known = bool(timm.list_models(name.removeprefix("timm/")))
-    else:
-        import torchvision
-        known = name in torchvision.models.list_models(module=torchvision.models)
-    _require(known, "model", "is not a torchvision classification model nor timm/<a timm model name>", name)

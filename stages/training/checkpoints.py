@@ -1,12 +1,10 @@
-"""Checkpoints of a fit, so that an interrupted run resumes where it stopped, written from a host copy
-by a background thread. A checkpoint is resumed only by a run of the same identity: the content of
+"""Checkpoints of a fit, so that an interrupted run resumes where it stopped. A checkpoint is resumed only by a run of the same identity: the content of
 every dep that dvc.yaml lists for the stage (data, code) and of the weights file, and the values of
 its params, which is what DVC itself compares before it reruns a stage."""
 import hashlib
 import json
 import shutil
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -57,14 +55,12 @@ class Checkpoints:
 
     Written at the end of an epoch once `interval_s` seconds of training have passed since the
     last one (0: every epoch), so that a fast GPU epoch does not pay for a 1.1 GB write each
-    time (VGG16 with SGD; AlexNet's 0.46 GB took 0.4-0.9 s on the 2-core CPU). The write runs in
-    a background thread from a host copy taken at once, while the next epoch trains; one at a
-    time, and close() waits for the last. A kill -9 during a write leaves the previous file whole.
+    time (VGG16 with SGD; AlexNet's 0.46 GB took 0.4-0.9 s on the 2-core CPU). A kill -9 during
+    a write leaves the previous file whole.
     """
-    def __init__(self, folder: Path, identity: str, device: torch.device, interval_s: float = 0.0):
+    def __init__(self, folder: Path, identity: str, interval_s: float = 0.0):
         self.path, self.identity, self.interval_s = folder / identity[:16] / "last.pt", identity, interval_s
-        self.on_gpu = device.type == "cuda"
-        self.unsaved_s, self.thread, self.writing = 0.0, ThreadPoolExecutor(1), None
+        self.unsaved_s = 0.0
 
     def load(self) -> dict | None:
         """The checkpoint if it was written for the same identity. One that can't be read
@@ -90,48 +86,23 @@ class Checkpoints:
         return self.unsaved_s >= self.interval_s
 
     def save(self, changing: dict, settled: dict) -> None:
-        """`changing`: tensors that training goes on updating in place, copied now; `settled`:
+        """`changing`: tensors that training goes on updating in place, copied first; `settled`:
         values that no longer change (best_state is replaced, never updated), written as they are."""
-        copied = {**host_copy(changing, pinned=self.on_gpu), **settled, "identity": self.identity}
-        ready = torch.cuda.Event() if self.on_gpu else None
-        if ready:
-            ready.record()
-        self.wait()
-        self.writing = self.thread.submit(self.write, copied, ready)
+        with replaced(self.path) as partial:  # a kill -9 leaves the previous epoch's checkpoint whole
+            torch.save({**host_copy(changing), **settled, "identity": self.identity}, partial)
         self.unsaved_s = 0.0
-
-    def write(self, state: dict, ready) -> None:
-        if ready:
-            ready.synchronize()  # the copies off the GPU are complete
-        save_checkpoint(self.path, state)
-
-    def wait(self) -> None:
-        if self.writing:
-            self.writing.result()  # raises what the write raised
-            self.writing = None
-
-    def close(self) -> None:
-        self.wait()
-        self.thread.shutdown()
 
     def remove(self) -> None:
         """The run completed: nothing to resume (none was written if it ran one epoch)."""
         shutil.rmtree(self.path.parent, ignore_errors=True)
 
 
-def save_checkpoint(path: Path, state: dict) -> None:
-    with replaced(path) as partial:  # a kill -9 leaves the previous epoch's checkpoint whole
-        torch.save(state, partial)
-
-
-def host_copy(value, pinned: bool = False):
-    """`value` with each tensor in its dicts and lists copied to host memory. pinned: into
-    page-locked memory, asynchronously from a GPU; synchronise before reading the copies."""
+def host_copy(value):
+    """`value` with each tensor in its dicts and lists copied to host memory."""
     if isinstance(value, torch.Tensor):  # same strides: a fused optimizer resumed on channels_last needs them
-        copy = torch.empty_like(value, device="cpu", pin_memory=pinned)
-        return copy.copy_(value.detach(), non_blocking=pinned)
+        return torch.empty_like(value, device="cpu").copy_(value.detach())
     if isinstance(value, dict):
-        return {k: host_copy(v, pinned) for k, v in value.items()}
+        return {k: host_copy(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return type(value)(host_copy(v, pinned) for v in value)
+        return type(value)(host_copy(v) for v in value)
     return value

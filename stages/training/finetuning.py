@@ -49,7 +49,7 @@ def train(p: params.Params) -> None:
             (logits.argmax(1) == labels).sum(), len(labels))
         return loss_sum / count, correct / count
 
-    saved = checkpoints.Checkpoints(outputs.CHECKPOINTS, identity, device, cfg.checkpoint_interval_s)
+    saved = checkpoints.Checkpoints(outputs.CHECKPOINTS, identity, cfg.checkpoint_interval_s)
     training = loop.Training(fast_model, parameter_groups(network, cfg), lambda generator: train_batches(
                                  train_images, train_labels, cfg, preprocess, generator, rank, world),
                              len(train_labels), validate if len(val_labels) else None, state_of=model,

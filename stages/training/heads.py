@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from stages.data import arrays, inputs
-from stages.model import backbones, devices, inference
+from stages.model import backbones, devices, inference, probe_layers
 from stages.pipeline import outputs, params, trained
 from stages.training import loop, probe
 
@@ -21,7 +21,7 @@ def train(p: params.Params) -> None:
     device = devices.setup(p.device, p.seed)
     names = arrays.load_manifest(outputs.PREPARED)["classes"]
     classes = len(names)
-    network = backbones.build(p.model, p.model_weights, classes, probe_layer=cfg.probe_layer)
+    network = probe_layers.reading(backbones.build(p.model, p.model_weights, classes), cfg.probe_layer, classes)
     set_head_trainable(network, cfg.trainable)
     head = network.head.to(device)
     train_labels = arrays.open_split(outputs.PREPARED, "train")[1]
@@ -112,10 +112,18 @@ def probe_inputs(frozen: nn.Module, features: torch.Tensor, device: torch.device
 def load_features(path: Path, device: torch.device) -> torch.Tensor:
     """fp16 features, whole, on the device; in (pinned) host memory when they don't fit there."""
     features = torch.from_numpy(np.load(path))
-    if inputs.fits_on(device, features.nbytes):
+    if fits_on(device, features.nbytes):
         return features.to(device)
     print(f"{path} does not fit in {device} memory: streaming its batches from host memory")
     return features.pin_memory()
+
+
+def fits_on(device: torch.device, nbytes: int) -> bool:
+    """Whether `nbytes` more fit in the device's free memory with room to spare (always on the CPU)."""
+    if device.type != "cuda":
+        return True
+    free, _total = torch.cuda.mem_get_info(device)
+    return nbytes < 0.5 * free
 
 
 def feature_batches(features, flipped, labels, batch_size, generator):

@@ -121,8 +121,6 @@ def fit(training: Training, cfg: TrainParams, seed: int, device: torch.device, l
             checkpoints.save(  # none after the last epoch: the stage saves the model
                 changing={"model": state_of.state_dict(), "optimizer": optimizer.state_dict()},
                 settled={"scheduler": scheduler.state_dict(), "progress": progress.settled()})
-    if checkpoints:
-        checkpoints.close()
     fitted = Fitted(progress.best_state if validate else {k: v.detach().cpu() for k, v in state_of.state_dict().items()},
                     progress.best_epoch, progress.history, sum(r["seconds"] for r in progress.history),
                     progress.best_acc if validate else None)
