@@ -135,7 +135,7 @@ def cache_features_runs(network, images, labels, p, s):
 
 def train_heads_runs(network, images, labels, p, s):
     cfg = replace(p.train_heads, epochs=TIMED_EPOCHS, batch_size=batch_of(s, p.train_heads.batch_size))
-    heads.set_head_trainable(network, cfg.trainable)
+    heads.set_head_trainable(network.head, cfg.trainable)
     head = network.head.to(s.device)
     dim = next(m for m in head.modules() if isinstance(m, nn.Linear)).in_features
     features = torch.rand(len(images), dim, device=s.device).half()  # what load_features puts on the device
@@ -266,7 +266,7 @@ def naive_feature_extraction(network, images, labels, p, s: Setup, epochs: int) 
     batches = torch.utils.data.DataLoader(PILImages(images, labels, transform), batch_size=cfg.batch_size,
                                           shuffle=True, num_workers=NAIVE_WORKERS if on_gpu else 0)
     network.body.requires_grad_(False)
-    heads.set_head_trainable(network, "last")
+    heads.set_head_trainable(network.head, "last")
     model = devices.place(network.model, s.device)
     started = time.perf_counter()
     optimizer = loop.make_optimizer(cfg, [{"params": [t for t in model.parameters() if t.requires_grad],
@@ -297,7 +297,7 @@ def our_feature_extraction(network, images, labels, p, s: Setup, epochs: int) ->
     batches = inputs.image_inputs(images, network.preprocess.at(s.image_size, s.crop_pct), batch, s.device)
     write_features(body, batches, len(images), batch, dim, path, s.device, "cache")
     features, targets = load_features(path, s.device), labels.to(s.device)
-    heads.set_head_trainable(network, "last")
+    heads.set_head_trainable(network.head, "last")
     head = network.head.to(s.device)
     groups = [{"params": [t for t in head.parameters() if t.requires_grad], "lr": cfg.lr}]
     loop.fit(loop.Training(head, groups, lambda generator: feature_batches(

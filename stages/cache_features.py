@@ -58,7 +58,7 @@ def main():
     outputs.write_json(outputs.FEATURES / "manifest.json", {
         "model": p.model, "weights": p.weights, "image_size": p.data.image_size, "crop_pct": p.data.crop_pct,
         "dtype": "float16", "precision": hardware.precision(device, bf16), "splits": splits,
-        "device": device.type})
+        "device": device.type, "head_is_linear": isinstance(network.head, torch.nn.Linear)})
     outputs.write_json(outputs.FEATURE_METRICS, {"time_s": round(seconds, 2), "images_per_s": round(total / seconds, 1)})
     print(f"cached {total} feature vectors of {dim} values at {total / seconds:.1f} images/s on {device}"
           f"{' (bf16 autocast)' if bf16 else ''}")

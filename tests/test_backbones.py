@@ -111,11 +111,11 @@ def test_timm_efficientnet_lite0_with_the_shared_imagenet_weights():
 @pytest.mark.parametrize("model", ["alexnet", "vgg16"])
 def test_feature_extraction_trains_only_the_last_linear_as_the_notebook_did(model):
     network = backbones.build(model, "none", num_classes=10)
-    assert heads.set_head_trainable(network, "last") == 4096 * 10 + 10  # 40,970
+    assert heads.set_head_trainable(network.head, "last") == 4096 * 10 + 10  # 40,970
     assert not network.head[0 if model == "vgg16" else 1].weight.requires_grad  # FC6 stays frozen
     assert any(isinstance(m, nn.Dropout) for m in network.head)  # and its Dropout trains along
     everything = sum(p.numel() for p in network.head.parameters())
-    assert heads.set_head_trainable(network, "classifier") == everything
+    assert heads.set_head_trainable(network.head, "classifier") == everything
 
 
 def test_the_size_check_judges_a_batchnorm_model_by_the_size_not_by_its_probe():

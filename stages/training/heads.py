@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from stages.data import arrays, inputs
-from stages.model import backbones, devices, inference, probe_layers
+from stages.model import devices, inference
 from stages.pipeline import outputs, params, trained
 from stages.training import loop, probe
 
@@ -21,9 +21,7 @@ def train(p: params.Params) -> None:
     device = devices.setup(p.device, p.seed)
     names = arrays.load_manifest(outputs.PREPARED)["classes"]
     classes = len(names)
-    network = probe_layers.reading(backbones.build(p.model, p.model_weights, classes), cfg.probe_layer, classes)
-    set_head_trainable(network, cfg.trainable)
-    head = network.head.to(device)
+    head = new_head(p, classes).to(device)
     train_labels = arrays.open_split(outputs.PREPARED, "train")[1]
     features = {name: load_features(outputs.FEATURES / f"{name}.npy", device)
                 for name in ("train", "train_flip", "val") if (outputs.FEATURES / f"{name}.npy").exists()}
@@ -56,14 +54,28 @@ def train(p: params.Params) -> None:
     outputs.write_json(outputs.L2_SEARCH, [])
 
 
-def set_head_trainable(network: backbones.Network, trainable: str) -> int:
+def new_head(p: params.Params, classes: int) -> nn.Module:
+    """The head to train, as the network has it. Where it is one new Linear (any model but AlexNet's
+    and VGG's classifier), it is made from the cached features' width alone: no backbone is built,
+    so torchvision and timm are never imported (a second of every feature-extraction cell)."""
+    features = outputs.read_json(outputs.FEATURES / "manifest.json")  # written by cache-features
+    if features.get("head_is_linear"):
+        return nn.Linear(next(iter(features["splits"].values()))[1], classes)
+    from stages.model import backbones, probe_layers
+    network = backbones.build(p.model, p.model_weights, classes)
+    head = probe_layers.reading(network, p.train_heads.probe_layer, classes).head
+    set_head_trainable(head, p.train_heads.trainable)
+    return head
+
+
+def set_head_trainable(head: nn.Module, trainable: str) -> int:
     """Feature extraction trains the head on cached features: `last`, only its final Linear (the
     study's classifier[6]; FC6 and FC7 keep their ImageNet values), or the whole `classifier`.
     Returns the number of trainable parameters."""
-    last = network.head[-1] if isinstance(network.head, nn.Sequential) else network.head
-    network.head.requires_grad_(trainable == "classifier")
+    last = head[-1] if isinstance(head, nn.Sequential) else head
+    head.requires_grad_(trainable == "classifier")
     last.requires_grad_(True)
-    return loop.trainable_count(network.head)
+    return loop.trainable_count(head)
 
 
 def fit_probe(head: nn.Module, features: dict, labels: dict, classes: int, refit_on_val: bool = True) -> None:
