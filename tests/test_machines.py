@@ -23,6 +23,11 @@ def test_the_shard_comes_from_slurm_or_kubernetes_and_names_are_per_cell():
     assert remotes.shard_from_environment({}) is None
     with pytest.raises(UserError, match="JOB_COMPLETIONS"):
         remotes.shard_from_environment({"JOB_COMPLETION_INDEX": "0"})
+    with pytest.raises(UserError, match="^SLURM_ARRAY_TASK_ID is '3a', not a whole number: start") as error:
+        remotes.shard_from_environment({"SLURM_ARRAY_TASK_ID": "3a", "SLURM_ARRAY_TASK_COUNT": "4"})
+    assert "\n" not in str(error.value)
+    with pytest.raises(UserError, match="^SLURM_ARRAY_TASK_COUNT is None"):
+        remotes.shard_from_environment({"SLURM_ARRAY_TASK_ID": "3"})
     cell = {"model": "timm/tf_efficientnet_lite0", "strategy": "finetune", "seed": 1}
     name = remotes.cell_name(cell, {"seed": 1, "lr": 0.1}, "abc")
     assert re.fullmatch(r"tf-efficientnet-lite0-ft-s1-[0-9a-f]{8}", name)

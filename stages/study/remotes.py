@@ -103,13 +103,21 @@ def baseline_commit() -> str:
 def shard_from_environment(environ=os.environ) -> tuple[int, int, str] | None:
     """(index from 1, count, where they came from) from a SLURM job array or a Kubernetes indexed Job."""
     if "SLURM_ARRAY_TASK_ID" in environ:
-        first = int(environ.get("SLURM_ARRAY_TASK_MIN", 1))
-        index, count = int(environ["SLURM_ARRAY_TASK_ID"]) - first + 1, int(environ["SLURM_ARRAY_TASK_COUNT"])
+        first = _count(environ, "SLURM_ARRAY_TASK_MIN", "1")
+        index, count = _count(environ, "SLURM_ARRAY_TASK_ID") - first + 1, _count(environ, "SLURM_ARRAY_TASK_COUNT")
         return index, count, f"SLURM_ARRAY_TASK_ID={environ['SLURM_ARRAY_TASK_ID']} of {count}"
     if "JOB_COMPLETION_INDEX" in environ:
         if "JOB_COMPLETIONS" not in environ:
             raise UserError("JOB_COMPLETION_INDEX is set but JOB_COMPLETIONS is not: set it in the Job's env to "
                             "spec.completions (launch/kubernetes-job.yaml does), or pass --shard I/N")
-        index, count = int(environ["JOB_COMPLETION_INDEX"]) + 1, int(environ["JOB_COMPLETIONS"])
+        index, count = _count(environ, "JOB_COMPLETION_INDEX") + 1, _count(environ, "JOB_COMPLETIONS")
         return index, count, f"JOB_COMPLETION_INDEX={environ['JOB_COMPLETION_INDEX']} of {count}"
     return None
+
+
+def _count(environ, name: str, default: str | None = None) -> int:
+    value = environ.get(name, default)
+    if value is None or not value.strip().isdigit():
+        raise UserError(f"{name} is {value!r}, not a whole number: start the study from a SLURM job array "
+                        "(sbatch --array=1-N) or an indexed Job, or pass --shard I/N")
+    return int(value)
