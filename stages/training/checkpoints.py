@@ -1,6 +1,7 @@
-"""Checkpoints of a fit, so that an interrupted run resumes where it stopped. A checkpoint is resumed only by a run of the same identity: the content of
-every dep that dvc.yaml lists for the stage (data, code) and of the weights file, and the values of
-its params, which is what DVC itself compares before it reruns a stage."""
+"""Checkpoints of a fit, so that an interrupted run resumes where it stopped. A checkpoint is
+resumed only by a run of the same identity: the content of every dep that dvc.yaml lists for the
+stage (data, code) and of the weights file, and the values of its params, which is what DVC itself
+compares before it reruns a stage."""
 import hashlib
 import json
 import shutil
