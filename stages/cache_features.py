@@ -4,7 +4,7 @@
 
 Writes data/features/{train,train_flip,val,test,test_flip}.npy (fp16 N×D, memory-mappable,
 written as they come; train_flip with features.flip, test_flip with evaluate.flip, for evaluate)
-and manifest.json; its time goes to metrics/features.json, never into the data.
+and manifest.json (stages/pipeline/features.py); its time goes to metrics/features.json, never into the data.
 With strategy finetune it writes only a note that says so: fine-tuning trains on images, and
 DVC's run-cache keeps the features of the other variant (lp_ft shares feature extraction's).
 """
@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from stages.data import arrays, inputs
 from stages.model import backbones, devices, hardware
-from stages.pipeline import outputs, params
+from stages.pipeline import features, outputs, params
 from stages.pipeline.errors import UserError, run_stage
 
 IN_FLIGHT = 3  # batches whose copy to the host and disk write may still be running
@@ -33,6 +33,7 @@ def main():
         outputs.write_json(outputs.FEATURE_METRICS, {"time_s": 0.0, "images_per_s": 0.0})
         return
     outputs.require(outputs.PREPARED / "manifest.json")
+    made_from = features.made_from(p)  # before any output is touched
     outputs.fresh_folder(outputs.FEATURES)
     device = devices.setup(p.device)
     bf16 = hardware.bf16_on_cpu(p.cpu_bf16)
@@ -55,10 +56,8 @@ def main():
         splits[name] = [len(split_images), dim]
     seconds = time.perf_counter() - started
     total = sum(count for count, _ in splits.values())
-    outputs.write_json(outputs.FEATURES / "manifest.json", {
-        "model": p.model, "weights": p.weights, "image_size": p.data.image_size, "crop_pct": p.data.crop_pct,
-        "dtype": "float16", "precision": hardware.precision(device, bf16), "splits": splits,
-        "device": device.type, "head_is_linear": isinstance(network.head, torch.nn.Linear)})
+    features.write_manifest(p, made_from, splits, hardware.precision(device, bf16), device.type,
+                            head_is_linear=isinstance(network.head, torch.nn.Linear))
     outputs.write_json(outputs.FEATURE_METRICS, {"time_s": round(seconds, 2), "images_per_s": round(total / seconds, 1)})
     print(f"cached {total} feature vectors of {dim} values at {total / seconds:.1f} images/s on {device}"
           f"{' (bf16 autocast)' if bf16 else ''}")

@@ -169,3 +169,24 @@ class RunsCode:
 def write_malicious(path, marker):
     path.write_bytes(pickle.dumps({"model": RunsCode(marker)}))
     return path
+
+
+def full_model_accuracy() -> float:
+    """Test accuracy of the whole model run on every test image (and its mirror image with evaluate.flip),
+    in the cwd's project: what evaluate computed for feature extraction before it read the cache."""
+    import torch
+
+    from stages.data import arrays, inputs
+    from stages.model import backbones, devices, hardware, inference
+    from stages.pipeline import outputs, params, trained
+    p = params.load()
+    device = devices.setup(p.device)
+    images, labels = arrays.open_split(outputs.PREPARED, "test")
+    network = backbones.build(p.model, p.model_weights, arrays.num_classes(outputs.PREPARED), p.data.image_size)
+    trained.load_into(network.model if p.strategy != "feature_extraction" else network.head, p.strategy)
+    model = devices.place(network.model, device)
+    preprocess = network.preprocess.at(p.data.image_size, p.data.crop_pct)
+    logits = sum(inference.predict(model, inputs.image_inputs(images, preprocess, 64, device, flip), device,
+                                   hardware.bf16_on_cpu(p.cpu_bf16))
+                 for flip in ((False, True) if p.evaluate.flip else (False,)))
+    return inference.loss_and_accuracy(logits, torch.from_numpy(labels))[1]

@@ -4,9 +4,10 @@ them here and evaluate reads them here, so that no key is named anywhere else.""
 from pathlib import Path
 
 import torch
+from torch import nn
 
+from stages.model.backbones import load_tensors
 from stages.pipeline import outputs
-from stages.model.backbones import Network, load_tensors
 from stages.pipeline.errors import UserError
 
 PART = {"feature_extraction": "head", "finetune": "model", "lp_ft": "model"}  # what each strategy's model.pt holds
@@ -18,14 +19,14 @@ def save(strategy: str, state: dict, **facts) -> None:
     torch.save({PART[strategy]: {k: v.cpu() for k, v in state.items()}, **facts}, outputs.TRAINED[strategy])
 
 
-def load_into(network: Network, strategy: str) -> dict:
-    """Loads model.pt's trained part into the network (its head, or the whole model); returns the
-    facts saved with it."""
+def load_into(module: nn.Module, strategy: str) -> dict:
+    """Loads model.pt's trained part (PART: a network's head, or its whole model) into `module`;
+    returns the facts saved with it."""
     path = outputs.TRAINED[strategy]
     part = PART[strategy]
     try:
         saved = load_tensors(path)
-        (network.head if part == "head" else network.model).load_state_dict(saved[part])
+        module.load_state_dict(saved[part])
     except (KeyError, TypeError, RuntimeError) as error:
         raise UserError(f"{path} does not hold this model's {part} ({error.__class__.__name__}): "
                         "rerun its stage with dvc repro -f") from None

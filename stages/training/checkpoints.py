@@ -1,58 +1,18 @@
-"""Checkpoints of a fit, so that an interrupted run resumes where it stopped. A checkpoint is
-resumed only by a run of the same identity: the content of every dep that dvc.yaml lists for the
-stage (data, code) and of the weights file, and the values of its params, which is what DVC itself
-compares before it reruns a stage."""
-import hashlib
-import json
+"""Checkpoints of a fit, so that an interrupted run resumes where it stopped, and only a run of the
+same identity (stages/pipeline/identity.py): the data, code, weights and params that DVC compares."""
 import shutil
 import sys
 from pathlib import Path
 
 import torch
 
-import yaml
-
 from stages.model.backbones import load_tensors
 from stages.pipeline.errors import UserError
 from stages.pipeline.outputs import replaced
-from stages.pipeline.params import PARAMS_FILE
-
-ROOT = Path(__file__).resolve().parents[2]  # the project whose code runs: its dvc.yaml and stages/
-
-
-def stage_identity(stage: str, weights: str) -> str:
-    """sha256 of the stage's deps' content, the weights file's (a dep that check-inputs stands in
-    for) and its params' values, as dvc.yaml lists them. Code deps are read where the code is, the
-    others in the working folder (the same one, but for a stage run by hand elsewhere)."""
-    declared = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"][stage]
-    values = yaml.safe_load(Path(PARAMS_FILE).read_text())
-    files = [*declared.get("deps", []), *([weights] if Path(weights).is_file() else [])]
-    located = {path: ROOT / path if path.startswith("stages/") else Path(path) for path in files}
-    return hashlib.sha256(json.dumps({"deps": {path: content_sha256(where) for path, where in located.items()},
-                                      "params": {key: dotted(values, key) for key in declared.get("params", [])}},
-                                     sort_keys=True).encode()).hexdigest()
-
-
-def content_sha256(path: Path) -> str | None:
-    """A file's sha256, or a folder's over its files' relative paths and hashes; None if missing."""
-    if path.is_dir():
-        files = sorted(f for f in path.rglob("*") if f.is_file())
-        listing = "".join(f"{f.relative_to(path)}\0{content_sha256(f)}\n" for f in files)
-        return hashlib.sha256(listing.encode()).hexdigest()
-    if not path.is_file():
-        return None
-    with open(path, "rb") as file:
-        return hashlib.file_digest(file, "sha256").hexdigest()
-
-
-def dotted(values: dict, key: str):
-    for part in key.split("."):
-        values = values[part]
-    return values
 
 
 class Checkpoints:
-    """Where an interrupted fit resumes from: one file, for one identity (stage_identity).
+    """Where an interrupted fit resumes from: one file, for one identity (identity.stage_identity).
 
     Written at the end of an epoch once `interval_s` seconds of training have passed since the
     last one (0: every epoch), so that a fast GPU epoch does not pay for a 1.1 GB write each

@@ -10,19 +10,20 @@ from stages.data import arrays, augment, inputs
 from stages.model import backbones, devices, inference
 from stages.pipeline import outputs, params, trained
 from stages.pipeline.errors import UserError
+from stages.pipeline.identity import stage_identity
 from stages.training import checkpoints, distributed, loop
 
 
 def train(p: params.Params) -> None:
     """The stage's work, with strategy finetune, or lp_ft: from the probe that train-heads fitted."""
     cfg = p.finetune
-    identity = checkpoints.stage_identity("finetune", p.model_weights)  # before any output is touched
+    identity = stage_identity("finetune", p.model_weights)  # before any output is touched
     worker = distributed.start(p.device, p.seed)
     device, rank, world = worker.device, worker.rank, worker.world
     if loop.is_writer():
         outputs.fresh_folder(outputs.MODELS["finetune"])
     network = backbones.build(p.model, p.model_weights, arrays.num_classes(outputs.PREPARED), p.data.image_size)
-    probe = trained.load_into(network, "feature_extraction") if p.strategy == "lp_ft" else None
+    probe = trained.load_into(network.head, "feature_extraction") if p.strategy == "lp_ft" else None
     set_trainable(network, cfg.unfreeze)
     preprocess = network.preprocess.at(p.data.image_size, p.data.crop_pct)
     model = devices.place(network.model, device)

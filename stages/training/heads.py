@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from stages.data import arrays, inputs
-from stages.model import devices, inference
+from stages.model import devices, inference, probe_layers
 from stages.pipeline import outputs, params, trained
 from stages.training import loop, probe
 
@@ -55,15 +55,7 @@ def train(p: params.Params) -> None:
 
 
 def new_head(p: params.Params, classes: int) -> nn.Module:
-    """The head to train, as the network has it. Where it is one new Linear (any model but AlexNet's
-    and VGG's classifier), it is made from the cached features' width alone: no backbone is built,
-    so torchvision and timm are never imported (a second of every feature-extraction cell)."""
-    features = outputs.read_json(outputs.FEATURES / "manifest.json")  # written by cache-features
-    if features.get("head_is_linear"):
-        return nn.Linear(next(iter(features["splits"].values()))[1], classes)
-    from stages.model import backbones, probe_layers
-    network = backbones.build(p.model, p.model_weights, classes)
-    head = probe_layers.reading(network, p.train_heads.probe_layer, classes).head
+    head = probe_layers.probe_head(p, classes)
     set_head_trainable(head, p.train_heads.trainable)
     return head
 
