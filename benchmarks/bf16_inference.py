@@ -51,7 +51,7 @@ def main():
 
 def speed(args) -> None:
     device = torch.device("cpu")
-    network = backbones.build(MODEL, str(args.weights), num_classes=10, image_size=args.image_size)
+    network = backbones.build(MODEL, str(args.weights), num_classes=10)
     body = prepare_body(network.body, device)
     preprocess = network.preprocess.at(args.image_size, 1.0)
     images = torch.randint(0, 256, (args.batch_size, 32, 32, 3), dtype=torch.uint8)

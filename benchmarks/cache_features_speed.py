@@ -36,7 +36,7 @@ def main():
     args = parser.parse_args()
 
     device = devices.setup(args.device)
-    network = backbones.build(args.model, args.weights, num_classes=10, image_size=args.image_size)
+    network = backbones.build(args.model, args.weights, num_classes=10)
     body = devices.maybe_compile(prepare_body(network.body, device), args.compile)
     preprocess = network.preprocess.at(args.image_size, args.crop_pct)
     dim = feature_dim(body, preprocess, device)

@@ -101,7 +101,7 @@ def main():
         for model in (args.models or size["models"]).split(","):
             for stage, runs in (("cache-features", cache_features_runs), ("train-heads", train_heads_runs),
                                 ("finetune", finetune_runs), ("evaluate", evaluate_runs)):
-                run = runs(backbones.build(model, "none", 10, s.image_size), images, labels, p, s)
+                run = runs(backbones.build(model, "none", 10), images, labels, p, s)
                 ours_s, bare_s, ratio = compare(run, args.repeats, device)
                 rows.append((stage, model, run.passes * n / ours_s, run.passes * n / bare_s, ratio))
                 print_row(*rows[-1])

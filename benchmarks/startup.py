@@ -39,8 +39,8 @@ def main():
     for model in args.models.split(","):
         rows.append((f"check_inputs.check_model_name({model!r}), uncached", seconds_in_fresh_process(
             f"check_inputs.check_model_name({model!r})", setup="from stages import check_inputs", runs=args.runs)))
-        rows.append((f"backbones.build({model!r}), 224 px", seconds_in_fresh_process(
-            f"backbones.build({model!r}, 'none', 10, 224)", setup="from stages.model import backbones", runs=args.runs)))
+        rows.append((f"backbones.build({model!r})", seconds_in_fresh_process(
+            f"backbones.build({model!r}, 'none', 10)", setup="from stages.model import backbones", runs=args.runs)))
     print(f"| step (fresh process, median of {args.runs}) | seconds |\n|---|---:|")
     for name, seconds in rows:
         print(f"| {name} | {seconds:.3f} |")

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from stages.data import arrays, inputs
+from stages.data import arrays, inputs, streaming
 from stages.model import backbones, devices, hardware
 from stages.pipeline import features, outputs, params
 from stages.pipeline.errors import UserError, run_stage
@@ -37,7 +37,7 @@ def main():
     outputs.fresh_folder(outputs.FEATURES)
     device = devices.setup(p.device)
     bf16 = hardware.bf16_on_cpu(p.cpu_bf16)
-    network = backbones.build(p.model, p.model_weights, arrays.num_classes(outputs.PREPARED), p.data.image_size)
+    network = backbones.build(p.model, p.model_weights, arrays.num_classes(outputs.PREPARED))
     body = prepare_body(network.body, device)
     flips = {"train": p.features.flip, "val": False, "test": p.evaluate.flip}
     jobs = [(split, flip) for split in arrays.SPLITS for flip in (False, True) if flips[split] or not flip]
@@ -50,7 +50,7 @@ def main():
     for split, flip in jobs:
         name = split + ("_flip" if flip else "")
         split_images = images[split]
-        batches = inputs.image_inputs(split_images, preprocess, p.features.batch_size, device, flip=flip)
+        batches = streaming.split_inputs(split_images, preprocess, p.features.batch_size, device, flip=flip)
         write_features(fast_body, batches, len(split_images), p.features.batch_size, dim, outputs.FEATURES / f"{name}.npy",
                        device, name, bf16)
         splits[name] = [len(split_images), dim]

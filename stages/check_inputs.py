@@ -49,19 +49,41 @@ def check_model(name: str, image_size: int) -> None:
     """The model's name (check_model_name imports the model registries: seconds) and that
     its body takes images of `image_size` (built on the meta device: seconds too), each once per
     registry version: what passed is remembered in KNOWN_MODELS."""
-    checker = importlib.util.find_spec("stages.model.backbones").origin  # found without importing torch
-    registries = (f"torchvision {version('torchvision')}, timm {version('timm')}, "
-                  f"backbones.py {hashlib.sha256(Path(checker).read_bytes()).hexdigest()[:16]}")
+    builder = importlib.util.find_spec("stages.model.backbones").origin  # found without importing torch
+    checkers = hashlib.sha256(Path(builder).read_bytes() + Path(__file__).read_bytes()).hexdigest()[:16]
+    registries = f"torchvision {version('torchvision')}, timm {version('timm')}, checks {checkers}"
     known = recalled(KNOWN_MODELS)
     sizes = known.get(registries) if isinstance(known.get(registries), dict) else {}
     if image_size in sizes.get(name, []):
         return
     if name not in sizes:
         check_model_name(name)
-    from stages.model import backbones  # torch, only when a model or size is new
-    backbones.check_image_size(name, image_size)
+    check_image_size(name, image_size)
     remember(KNOWN_MODELS, {registries: {**sizes, name: sorted({*sizes.get(name, []), image_size})}})
 
+
+def check_image_size(name: str, size: int) -> None:
+    """Runs the body on the meta device (no memory, no compute): too small a size is a user error.
+    In eval mode, so that BatchNorm judges the size, not the probe's batch of one."""
+    import torch  # only when a model or size is new
+
+    from stages.model import backbones
+
+    def works(side: int) -> bool:
+        try:
+            body(torch.empty(1, 3, side, side, device="meta"))
+            return True
+        except RuntimeError:
+            return False
+
+    with torch.device("meta"):
+        body = backbones.build(name, "none", 2).body.eval()
+    if not works(size):
+        smallest = next((side for side in range(size + 1, 1025) if works(side)), None)
+        if smallest is None:  # no size works: the error is not about the size, and is shown as it is
+            body(torch.empty(1, 3, size, size, device="meta"))
+        raise params.ParamError(f"params.yaml: data.image_size {size} is too small for {name}: "
+                                f"the smallest size that works is {smallest}")
 
 
 def check_model_name(name: str) -> None:
@@ -74,6 +96,7 @@ def check_model_name(name: str) -> None:
     if not known:
         raise params.ParamError("params.yaml: model is not a torchvision classification model nor timm/<a timm model "
                                 "name>", name, restore_hint=True)
+
 
 def check_train_per_class(data: params.DataParams, train_counts: dict[str, int] | None = None) -> None:
     """data.train_per_class against the training images that each class will have after the cap and

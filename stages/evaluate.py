@@ -18,7 +18,7 @@ import time
 import numpy as np
 import torch
 
-from stages.data import arrays, inputs
+from stages.data import arrays, streaming
 from stages.model import backbones, devices, hardware, inference, probe_layers
 from stages.pipeline import features, figures, outputs, params, trained
 from stages.pipeline.errors import UserError, run_stage
@@ -43,13 +43,13 @@ def main():
         started = time.perf_counter()
         logits = cached_logits(head, p.evaluate.flip, len(labels), device, bf16)
     else:
-        network = backbones.build(p.model, p.model_weights, len(classes), p.data.image_size)
+        network = backbones.build(p.model, p.model_weights, len(classes))
         trained.load_into(network.model, p.strategy)
         model = devices.maybe_compile(devices.place(network.model, device), p.compile)
         preprocess = network.preprocess.at(p.data.image_size, p.data.crop_pct)
         started = time.perf_counter()
-        logits = {flip: inference.predict(model, inputs.image_inputs(images, preprocess, p.evaluate.batch_size,
-                                                                     device, flip), device, bf16)
+        logits = {flip: inference.predict(model, streaming.split_inputs(images, preprocess, p.evaluate.batch_size,
+                                                                        device, flip), device, bf16)
                   for flip in ((False, True) if p.evaluate.flip else (False,))}
     averaged = sum(logits.values()) / len(logits)
     seconds = round(time.perf_counter() - started, 3)

@@ -176,17 +176,17 @@ def full_model_accuracy() -> float:
     in the cwd's project: what evaluate computed for feature extraction before it read the cache."""
     import torch
 
-    from stages.data import arrays, inputs
+    from stages.data import arrays, streaming
     from stages.model import backbones, devices, hardware, inference
     from stages.pipeline import outputs, params, trained
     p = params.load()
     device = devices.setup(p.device)
     images, labels = arrays.open_split(outputs.PREPARED, "test")
-    network = backbones.build(p.model, p.model_weights, arrays.num_classes(outputs.PREPARED), p.data.image_size)
+    network = backbones.build(p.model, p.model_weights, arrays.num_classes(outputs.PREPARED))
     trained.load_into(network.model if p.strategy != "feature_extraction" else network.head, p.strategy)
     model = devices.place(network.model, device)
     preprocess = network.preprocess.at(p.data.image_size, p.data.crop_pct)
-    logits = sum(inference.predict(model, inputs.image_inputs(images, preprocess, 64, device, flip), device,
+    logits = sum(inference.predict(model, streaming.split_inputs(images, preprocess, 64, device, flip), device,
                                    hardware.bf16_on_cpu(p.cpu_bf16))
                  for flip in ((False, True) if p.evaluate.flip else (False,)))
     return inference.loss_and_accuracy(logits, torch.from_numpy(labels))[1]

@@ -3,6 +3,7 @@ import pytest
 import torch
 from torch import nn
 
+from stages import check_inputs
 from stages.model import backbones
 from stages.training import finetuning, heads, loop
 from stages.pipeline.errors import UserError
@@ -119,15 +120,15 @@ def test_feature_extraction_trains_only_the_last_linear_as_the_notebook_did(mode
 
 
 def test_the_size_check_judges_a_batchnorm_model_by_the_size_not_by_its_probe():
-    backbones.check_image_size("timm/tf_efficientnet_lite0", 32)  # a 1x1 map at the end: it works
+    check_inputs.check_image_size("timm/tf_efficientnet_lite0", 32)  # a 1x1 map at the end: it works
     with pytest.raises(UserError, match=r"data.image_size 16 is too small for vgg16_bn: the smallest size that works is 32"):
-        backbones.check_image_size("vgg16_bn", 16)  # BatchNorm too
+        check_inputs.check_image_size("vgg16_bn", 16)  # BatchNorm too
 
 
 def test_an_image_size_too_small_for_the_model_names_the_smallest_that_works():
     with pytest.raises(UserError, match=r"data.image_size 32 is too small for alexnet: the smallest size that works is 63"):
-        backbones.build("alexnet", "none", num_classes=10, image_size=32)
-    assert backbones.build("alexnet", "none", num_classes=10, image_size=63).head[-1].out_features == 10
+        check_inputs.check_image_size("alexnet", 32)
+    check_inputs.check_image_size("alexnet", 63)
 
 
 @pytest.mark.parametrize("content, message", [

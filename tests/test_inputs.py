@@ -7,7 +7,7 @@ import torch.nn.functional as F
 import torchvision
 from PIL import Image
 
-from stages.data import arrays, augment, inputs
+from stages.data import arrays, augment, inputs, streaming
 from stages.pipeline import params
 from stages.training import finetuning
 from tests.conftest import CIFAR_JPEG, needs_shared, unpack_cifar_jpeg
@@ -148,7 +148,7 @@ def test_a_memory_mapped_split_gives_the_batches_of_the_same_images_in_memory(tm
     np.save(tmp_path / "x_labels.npy", np.arange(37))
     mapped, labels = arrays.open_split(tmp_path, "x")
     cpu = torch.device("cpu")
-    from_file = [(x.clone(), n) for x, n in inputs.image_inputs(mapped, PRE.at(8, 1.0), 16, cpu, flip=True)]
+    from_file = [(x.clone(), n) for x, n in streaming.split_inputs(mapped, PRE.at(8, 1.0), 16, cpu, flip=True)]
     in_memory = list(inputs.image_inputs(images, PRE.at(8, 1.0), 16, cpu, flip=True))
     assert [n for _, n in from_file] == [16, 16, 5] == [n for _, n in in_memory]
     assert all(torch.equal(a, b) for (a, _), (b, _) in zip(from_file, in_memory))

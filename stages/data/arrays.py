@@ -3,7 +3,7 @@ draws of the training subset.
 
 One uint8 N×S×S×3 array and one int64 label array per split, as .npy, with a manifest. The
 images are written one at a time (sources.ImageFile, prepare-data's alone) and read back a batch
-at a time (open_split, then inputs.read_rows), so that no stage's memory grows with the data.
+at a time (open_split, then streaming.split_inputs), so that no stage's memory grows with the data.
 """
 import json
 from pathlib import Path
@@ -44,7 +44,7 @@ def train_subset(labels: np.ndarray, per_class: int | None, seed: int, classes: 
 
 def open_split(folder: Path, name: str) -> tuple[np.ndarray, np.ndarray]:
     """A split's images memory-mapped (copy-on-write, so that torch takes them as they are; nothing
-    is read until used: inputs.image_inputs reads them a batch at a time) and its labels."""
+    is read until used: streaming.split_inputs reads them a batch at a time) and its labels."""
     return np.load(folder / f"{name}_images.npy", mmap_mode="c"), np.load(folder / f"{name}_labels.npy")
 
 

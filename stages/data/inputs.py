@@ -4,13 +4,12 @@ The prepared images stay uint8 at their stored size (32 px for CIFAR), the way a
 CIFAR-10 on the GPU; each batch is resized to data.image_size / data.crop_pct, center-cropped
 to data.image_size and normalised there, with the interpolation, mean and std of the weights:
 torchvision's Resize(256) + CenterCrop(224) is crop_pct 0.875 at 224 px. No per-image PIL
-transforms, no DataLoader workers. Every batch of image_inputs (cache-features, evaluate,
-validation) has the same shape, the last one padded, so cuDNN tunes once for them; training's
-batches share one shape only with drop_last.
+transforms, no DataLoader workers. Every batch of image_inputs (validation; cache-features' and
+evaluate's through stages/data/streaming.py) has the same shape, the last one padded, so cuDNN
+tunes once for them; training's batches share one shape only with drop_last.
 """
 import dataclasses
 import functools
-import math
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -92,53 +91,15 @@ def padded(batch: torch.Tensor, rows: int) -> torch.Tensor:
     return torch.cat([batch, batch.new_zeros((rows - len(batch), *batch.shape[1:]))])
 
 
-def image_inputs(images: torch.Tensor | np.ndarray, preprocess: Preprocess, batch_size: int, device: torch.device,
+def image_inputs(images: torch.Tensor, preprocess: Preprocess, batch_size: int, device: torch.device,
                  flip: bool = False) -> Iterator[tuple[torch.Tensor, int]]:
     """(inputs, count) for uint8 N×H×W×3 images, in order. Every batch has `batch_size` rows
-    (the last one padded with zeros); its first `count` rows are real."""
-    for batch, count in device_batches(images, batch_size, device):
-        yield model_input(flip_lr(batch) if flip else batch, preprocess), count
-
-
-def device_batches(images: torch.Tensor | np.ndarray, batch_size: int,
-                   device: torch.device) -> Iterator[tuple[torch.Tensor, int]]:
-    """uint8 batches of `batch_size` rows on the device, the last one padded with zeros, and the
-    count of real rows in each. A numpy array (a whole split from arrays.open_split) is read a batch
-    at a time into two host buffers in turn (pinned on the GPU, so that the copy overlaps the next
-    read): memory does not grow with the split. A batch is valid until the next but one is drawn."""
-    if isinstance(images, torch.Tensor):
-        for start in range(0, len(images), batch_size):
-            batch = images[start:start + batch_size]
-            yield padded(batch, batch_size).to(device, non_blocking=True), len(batch)
-        return
-    pinned = device.type == "cuda"
-    buffers = [torch.zeros((batch_size, *images.shape[1:]), dtype=torch.uint8, pin_memory=pinned) for _ in range(2)]
-    copies = [None, None]
-    for turn, start in enumerate(range(0, len(images), batch_size)):
-        host = buffers[turn % 2]
-        if copies[turn % 2] is not None:
-            copies[turn % 2].synchronize()  # its previous batch has reached the device
-        count = len(read_rows(images, start, host.numpy()))
-        host[count:] = 0
-        yield host.to(device, non_blocking=pinned), count
-        if pinned:
-            copies[turn % 2] = torch.cuda.Event()
-            copies[turn % 2].record()
-
-
-def read_rows(images: np.ndarray, start: int, out: np.ndarray) -> np.ndarray:
-    """Rows start, start + 1, ... of `images` in `out`, as many as fit or remain. A memory-mapped
-    array is read from its file: so its pages stay in the page cache, and out of this process's
-    memory, where reading through the mapping would keep every page it touched."""
-    rows = min(len(out), len(images) - start)
-    if not isinstance(images, np.memmap):
-        out[:rows] = images[start:start + rows]
-        return out[:rows]
-    row_bytes = images.itemsize * math.prod(images.shape[1:])
-    with open(images.filename, "rb", buffering=0) as file:
-        file.seek(images.offset + start * row_bytes)
-        file.readinto(memoryview(out[:rows]).cast("B"))
-    return out[:rows]
+    (the last one padded with zeros); its first `count` rows are real. (A whole split as numpy,
+    read from its file a batch at a time: streaming.split_inputs.)"""
+    for start in range(0, len(images), batch_size):
+        batch = images[start:start + batch_size]
+        x = padded(batch, batch_size).to(device, non_blocking=True)
+        yield model_input(flip_lr(x) if flip else x, preprocess), len(batch)
 
 
 TO_DEVICE_ROWS = 4096  # images per copy of a memory-mapped split to the GPU
@@ -146,12 +107,11 @@ TO_DEVICE_ROWS = 4096  # images per copy of a memory-mapped split to the GPU
 
 def to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
     """The array as a tensor on the device. On the CPU a memory-mapped split stays mapped (its pages
-    are read as they are used, and the kernel may drop them); on the GPU it is copied in batches."""
+    are read as they are used, and the kernel may drop them); on the GPU it is copied
+    TO_DEVICE_ROWS rows at a time, so that host memory never holds the whole of it."""
     if device.type == "cpu" or not isinstance(array, np.memmap):
         return torch.from_numpy(np.asarray(array)).to(device)
-    copy = torch.empty(array.shape, dtype=torch.uint8, device=device)
-    start = 0
-    for batch, count in device_batches(array, TO_DEVICE_ROWS, device):
-        copy[start:start + count] = batch[:count]
-        start += count
+    copy = torch.empty(array.shape, dtype=torch.from_numpy(array[:0]).dtype, device=device)
+    for start in range(0, len(array), TO_DEVICE_ROWS):
+        copy[start:start + TO_DEVICE_ROWS] = torch.from_numpy(array[start:start + TO_DEVICE_ROWS])
     return copy

@@ -1,6 +1,6 @@
 """Pretrained networks split into a body (the part that can be frozen) and a trained head.
 
-    network = build("alexnet", "imagenet", num_classes=10, image_size=224)
+    network = build("alexnet", "imagenet", num_classes=10)
     network.model          # nn.Sequential(body, head): images -> logits, for both strategies
     network.blocks         # the body's unfreezable blocks, input to output
     network.preprocess     # mean, std and interpolation that the weights expect
@@ -35,12 +35,10 @@ class Network:
         return self.model[1]
 
 
-def build(name: str, weights: str, num_classes: int, image_size: int | None = None) -> Network:
+def build(name: str, weights: str, num_classes: int) -> Network:
     """`weights`: imagenet (torchvision's weights API or timm's hub), none, or a state_dict file.
-    With `image_size`, checks first that the body accepts images of that size. (A probe of AlexNet's
-    or VGG's fc6 or body: probe_layers.reading.)"""
-    if image_size is not None:
-        check_image_size(name, image_size)
+    (Whether the body takes data.image_size: check-inputs. A probe of AlexNet's or VGG's fc6 or
+    body: probe_layers.reading.)"""
     net, preprocess = _network(name, weights == "imagenet")
     if weights not in ("imagenet", "none"):
         load_state_dict_file(net, Path(weights))
@@ -51,26 +49,6 @@ def _network(name: str, pretrained: bool):
     if name.startswith("timm/"):
         return _timm_model(name.removeprefix("timm/"), pretrained)
     return _torchvision_model(name, pretrained)
-
-
-def check_image_size(name: str, size: int) -> None:
-    """Runs the body on the meta device (no memory, no compute): too small a size is a user error.
-    In eval mode, so that BatchNorm judges the size, not the probe's batch of one."""
-    def works(side: int) -> bool:
-        try:
-            body(torch.empty(1, 3, side, side, device="meta"))
-            return True
-        except RuntimeError:
-            return False
-
-    with torch.device("meta"):
-        body = _split(_network(name, pretrained=False)[0], 2, None).body.eval()
-    if not works(size):
-        smallest = next((side for side in range(size + 1, 1025) if works(side)), None)
-        if smallest is None:  # no size works: the error is not about the size, and is shown as it is
-            body(torch.empty(1, 3, size, size, device="meta"))
-        raise UserError(f"params.yaml: data.image_size {size} is too small for {name}: "
-                        f"the smallest size that works is {smallest}")
 
 
 def _torchvision_model(name: str, pretrained: bool):

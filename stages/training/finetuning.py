@@ -22,7 +22,7 @@ def train(p: params.Params) -> None:
     device, rank, world = worker.device, worker.rank, worker.world
     if loop.is_writer():
         outputs.fresh_folder(outputs.MODELS["finetune"])
-    network = backbones.build(p.model, p.model_weights, arrays.num_classes(outputs.PREPARED), p.data.image_size)
+    network = backbones.build(p.model, p.model_weights, arrays.num_classes(outputs.PREPARED))
     probe = trained.load_into(network.head, "feature_extraction") if p.strategy == "lp_ft" else None
     set_trainable(network, cfg.unfreeze)
     preprocess = network.preprocess.at(p.data.image_size, p.data.crop_pct)
