@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from stages.data import arrays, inputs, streaming
 from stages.model import backbones, devices, hardware
-from stages.pipeline import features, outputs, params
+from stages.pipeline import features, outputs, params, probe_plan
 from stages.pipeline.errors import UserError, run_stage
 
 IN_FLIGHT = 3  # batches whose copy to the host and disk write may still be running
@@ -28,7 +28,7 @@ IN_FLIGHT = 3  # batches whose copy to the host and disk write may still be runn
 
 def main():
     p = params.load()
-    if not outputs.probes(p.probes):
+    if not probe_plan.probes(p.probes):
         outputs.write_skipped(outputs.FEATURES, "the strategy trains no probe")
         outputs.write_json(outputs.FEATURE_METRICS, {"time_s": 0.0, "images_per_s": 0.0})
         return

@@ -24,7 +24,7 @@ from typing import Iterator
 from configobj import ConfigObj  # DVC's own config reader
 from tqdm import tqdm
 
-from stages.pipeline import outputs, params
+from stages.pipeline import outputs, params, probe_plan
 from stages.pipeline.errors import run_stage
 
 KNOWN_MODELS = "known_models.json"  # model names and image sizes checked, per registry version and checking code
@@ -41,7 +41,7 @@ def main():
     check_train_per_class(p.data, train_counts)
     outputs.write_json(outputs.INPUTS / "source.json", source_fingerprint(p.data))
     outputs.write_json(outputs.INPUTS / "weights.json", weights_fingerprint(p.model, p.model_weights))
-    outputs.write_json(outputs.PROBE_PLAN, {"probe": p.probes})
+    probe_plan.write(p.probes)
     print(f"params.yaml, {p.model} at {p.data.image_size} px and the inputs checked: {outputs.INPUTS}/ written")
 
 

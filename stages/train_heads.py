@@ -7,13 +7,13 @@ Writes models/train_heads/model.pt (the best epoch by val accuracy, the last one
 validation split, or the probe, its features' standardisation folded in) and DVCLive's record to
 live/train_heads/.
 """
-from stages.pipeline import outputs, params
+from stages.pipeline import outputs, params, probe_plan
 from stages.pipeline.errors import run_stage
 
 
 def main():
     p = params.load()
-    if not outputs.probes(p.probes):  # before torch's import: a stage with nothing to do costs a Python start
+    if not probe_plan.probes(p.probes):  # before torch's import: a stage with nothing to do costs a Python start
         outputs.write_skipped(outputs.MODELS["feature_extraction"], "the strategy trains no probe",
                               outputs.LIVE["feature_extraction"])
         outputs.write_json(outputs.L2_SEARCH, [])

@@ -3,7 +3,7 @@ N×D, and manifest.json, which records what the features were made from (identit
 cache-features) and whether the head that reads them is one Linear."""
 from stages.pipeline import outputs
 from stages.pipeline.errors import UserError
-from stages.pipeline.identity import differences, stage_inputs
+from stages.pipeline.identity import stage_inputs
 from stages.pipeline.params import Params
 
 MANIFEST = outputs.FEATURES / "manifest.json"
@@ -34,3 +34,9 @@ def check_current(p: Params) -> None:
         shown = ", ".join(changed[:4]) + (f" and {len(changed) - 4} more" if len(changed) > 4 else "")
         raise UserError(f"{outputs.FEATURES}/ was cached from other inputs than these ({shown} changed since), "
                         "so it does not come from this backbone and these images: run dvc repro cache-features")
+
+
+def differences(made_from: dict, now: dict) -> list[str]:
+    """The deps and params whose content or value differs between two stage_inputs."""
+    return [key for part in ("deps", "params") for key in sorted({*made_from.get(part, {}), *now[part]})
+            if made_from.get(part, {}).get(key) != now[part].get(key)]

@@ -30,12 +30,6 @@ def stage_inputs(stage: str, weights: str) -> dict:
             "params": {key: dotted(values, key) for key in declared.get("params", [])}}
 
 
-def differences(made_from: dict, now: dict) -> list[str]:
-    """The deps and params whose content or value differs between two stage_inputs."""
-    return [key for part in ("deps", "params") for key in sorted({*made_from.get(part, {}), *now[part]})
-            if made_from.get(part, {}).get(key) != now[part].get(key)]
-
-
 def content_sha256(path: Path) -> str | None:
     """A file's sha256, or a folder's over its files' relative paths and hashes; None if missing."""
     if path.is_dir():

@@ -18,7 +18,6 @@ INPUTS = Path("data/inputs")  # check-inputs: hashes of the image folder and wei
 PREPARED = Path("data/prepared")  # prepare-data: uint8 arrays per split, and the manifest
 FEATURES = Path("data/features")  # cache-features
 FEATURE_METRICS = Path("metrics/features.json")  # cache-features: its time and images/s
-PROBE_PLAN = INPUTS / "probe.json"  # check-inputs: whether the strategy trains a probe (feature extraction, lp_ft)
 # Per strategy: the training stage whose model evaluate reads (lp_ft: finetune's, started from train-heads' probe)
 MODELS = {"feature_extraction": Path("models/train_heads"), "finetune": Path("models/finetune")}
 LIVE = {"feature_extraction": Path("live/train_heads"), "finetune": Path("live/finetune")}  # DVCLive's
@@ -71,17 +70,6 @@ def write_skipped(folder: Path, why: str, live_dir: Path | None = None) -> None:
     if live_dir:
         empty_live(live_dir)
     print(f"skipped: {why}; {folder}/skipped.json says so")
-
-
-def probes(strategy_probes: bool) -> bool:
-    """Whether the strategy trains a probe, as check-inputs wrote it for cache-features and train-heads:
-    their dep instead of the strategy, the same for feature extraction and lp_ft, so that the two share
-    those stages' run-cache. It must agree with params.yaml (`strategy_probes`), or it is stale."""
-    require(PROBE_PLAN)
-    if read_json(PROBE_PLAN)["probe"] != strategy_probes:
-        raise UserError(f"{PROBE_PLAN} was written for another strategy than params.yaml's: "
-                        "`dvc repro` (or python -m stages.check_inputs) writes it anew")
-    return strategy_probes
 
 
 def empty_live(live_dir: Path) -> None:
