@@ -4,7 +4,7 @@
 
 Writes data/features/{train,train_flip,val,test,test_flip}.npy (fp16 N×D, memory-mappable,
 written as they come; train_flip with features.flip, test_flip with evaluate.flip, for evaluate)
-and manifest.json (stages/pipeline/features.py); its time goes to metrics/features.json, never into the data.
+and manifest.json, and data/features_made_from.json (stages/pipeline/feature_cache.py); its time goes to metrics/features.json, never into the data.
 With strategy finetune it writes only a note that says so: fine-tuning trains on images, and
 DVC's run-cache keeps the features of the other variant (lp_ft shares feature extraction's).
 """
@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from stages.data import arrays, inputs, streaming
 from stages.model import backbones, devices, hardware
-from stages.pipeline import features, outputs, params, probe_plan
+from stages.pipeline import feature_cache, outputs, params, probe_plan
 from stages.pipeline.errors import UserError, run_stage
 
 IN_FLIGHT = 3  # batches whose copy to the host and disk write may still be running
@@ -31,9 +31,10 @@ def main():
     if not probe_plan.probes(p.probes):
         outputs.write_skipped(outputs.FEATURES, "the strategy trains no probe")
         outputs.write_json(outputs.FEATURE_METRICS, {"time_s": 0.0, "images_per_s": 0.0})
+        outputs.write_json(outputs.FEATURES_MADE_FROM, {})
         return
     outputs.require(outputs.PREPARED / "manifest.json")
-    made_from = features.made_from(p)  # before any output is touched
+    made_from = feature_cache.made_from(p)  # before any output is touched
     outputs.fresh_folder(outputs.FEATURES)
     device = devices.setup(p.device)
     bf16 = hardware.bf16_on_cpu(p.cpu_bf16)
@@ -56,8 +57,8 @@ def main():
         splits[name] = [len(split_images), dim]
     seconds = time.perf_counter() - started
     total = sum(count for count, _ in splits.values())
-    features.write_manifest(p, made_from, splits, hardware.precision(device, bf16), device.type,
-                            head_is_linear=isinstance(network.head, torch.nn.Linear))
+    feature_cache.write(p, made_from, splits, hardware.precision(device, bf16), device.type,
+                        head_is_linear=isinstance(network.head, torch.nn.Linear))
     outputs.write_json(outputs.FEATURE_METRICS, {"time_s": round(seconds, 2), "images_per_s": round(total / seconds, 1)})
     print(f"cached {total} feature vectors of {dim} values at {total / seconds:.1f} images/s on {device}"
           f"{' (bf16 autocast)' if bf16 else ''}")

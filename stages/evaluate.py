@@ -6,7 +6,8 @@ Both strategies are measured on the same test images with the same preprocessing
 runs its whole model on them. Feature extraction's body is frozen, so cache-features already ran
 it over the test images (and their mirror images, with evaluate.flip): the head runs on those
 cached features, once the cache is shown to come from the data, code, weights and params that
-cache-features would read now (stages/pipeline/features.py): no backbone is built. evaluate.flip
+cache-features would read now (stages/pipeline/feature_cache.py), and builds no backbone where the
+head is one Linear. evaluate.flip
 averages each image's logits with its mirror image's. Writes metrics/metrics.json (test accuracy
 and loss, and the whole cell's cost: the feature cache's time, training's and evaluation's, each
 recorded by its own stage), plots/data/ for `dvc plots` (per-class accuracy too), and PNGs.
@@ -20,7 +21,7 @@ import torch
 
 from stages.data import arrays, streaming
 from stages.model import backbones, devices, hardware, inference, probe_layers
-from stages.pipeline import features, figures, outputs, params, trained
+from stages.pipeline import feature_cache, figures, outputs, params, trained
 from stages.pipeline.errors import UserError, run_stage
 
 GRID_IMAGES = 32  # test images in the predictions figure
@@ -30,17 +31,18 @@ def main():
     p = params.load()
     feature_extraction = p.strategy == "feature_extraction"
     outputs.require(outputs.PREPARED / "manifest.json", outputs.TRAINED[p.strategy], trained.summary_file(p.strategy),
-                    outputs.FEATURE_METRICS, *([outputs.FEATURES / "manifest.json"] if feature_extraction else []),
+                    outputs.FEATURE_METRICS,
+                    *([feature_cache.MANIFEST, outputs.FEATURES_MADE_FROM] if feature_extraction else []),
                     *([trained.summary_file("feature_extraction")] if p.strategy == "lp_ft" else []))
     device = devices.setup(p.device)
     bf16 = hardware.bf16_on_cpu(p.cpu_bf16)
     classes = arrays.load_manifest(outputs.PREPARED)["classes"]
     images, labels = arrays.open_split(outputs.PREPARED, "test")
     if feature_extraction:
-        features.check_current(p)
         head = probe_layers.probe_head(p, len(classes))
         trained.load_into(head, p.strategy)
         started = time.perf_counter()
+        feature_cache.check_current(p)
         logits = cached_logits(head, p.evaluate.flip, len(labels), device, bf16)
     else:
         network = backbones.build(p.model, p.model_weights, len(classes))
@@ -76,13 +78,13 @@ def cached_logits(head: torch.nn.Module, flip: bool, count: int, device, bf16: b
     for mirrored in ((False, True) if flip else (False,)):
         path = outputs.FEATURES / ("test_flip.npy" if mirrored else "test.npy")
         if not path.exists():
-            raise UserError(f"{path} is missing, so the feature cache predates "
-                            f"{'evaluate.flip: true' if mirrored else 'this pipeline'}: run dvc repro -f cache-features")
+            raise UserError(f"{path} is missing (removed since cache-features wrote the cache): "
+                            "run dvc repro -f cache-features")
         cached = torch.from_numpy(np.load(path))
         if cached.shape != (count, width):
             raise UserError(f"{path} holds {len(cached)} feature vectors of {cached.shape[1]} values, but there are "
-                            f"{count} test images and the head reads {width} values, so the cache comes from another "
-                            "backbone or other images: run dvc repro -f cache-features")
+                            f"{count} test images and the head reads {width} values, so it was changed since "
+                            "cache-features wrote it: run dvc repro -f cache-features")
         logits[mirrored] = inference.predict(head, inference.feature_inputs(cached, device), device, bf16)
     return logits
 

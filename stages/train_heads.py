@@ -7,7 +7,7 @@ Writes models/train_heads/model.pt (the best epoch by val accuracy, the last one
 validation split, or the probe, its features' standardisation folded in) and DVCLive's record to
 live/train_heads/.
 """
-from stages.pipeline import outputs, params, probe_plan
+from stages.pipeline import feature_cache, outputs, params, probe_plan
 from stages.pipeline.errors import run_stage
 
 
@@ -18,7 +18,7 @@ def main():
                               outputs.LIVE["feature_extraction"])
         outputs.write_json(outputs.L2_SEARCH, [])
         return
-    outputs.require(outputs.PREPARED / "manifest.json", outputs.FEATURES / "manifest.json")
+    outputs.require(outputs.PREPARED / "manifest.json", feature_cache.MANIFEST)
     from stages.training import heads
     heads.train(p)
 

@@ -60,8 +60,8 @@ def test_a_missing_or_extra_dep_is_named(tmp_path):
 def test_every_output_in_dvc_yaml_is_one_that_stages_outputs_declares():
     from stages.pipeline import outputs
 
-    declared = {outputs.INPUTS, outputs.PREPARED, outputs.FEATURES, outputs.FEATURE_METRICS, outputs.METRICS,
-                *outputs.MODELS.values(), *outputs.LIVE.values()}
+    declared = {outputs.INPUTS, outputs.PREPARED, outputs.FEATURES, outputs.FEATURES_MADE_FROM, outputs.FEATURE_METRICS,
+                outputs.METRICS, *outputs.MODELS.values(), *outputs.LIVE.values()}
     stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"].values()
     paths = [Path(next(iter(entry)) if isinstance(entry, dict) else entry)
              for stage in stages for kind in ("outs", "metrics", "plots") for entry in stage.get(kind, [])]

@@ -21,7 +21,7 @@ SETUP = {"data.source": "synthetic", "data.synthetic.train_per_class": 30, "data
          "data.val_fraction": 0.1, "train_heads.optimizer": "adam", "train_heads.epochs": 6,
          "features.flip": True, "evaluate.flip": True}
 FIX = "run dvc repro -f cache-features"
-STALE = "so it does not come from this backbone and these images: run dvc repro cache-features"
+STALE = "so it may not come from this backbone and these images: run dvc repro cache-features"
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +87,7 @@ def test_a_feature_cache_of_other_images_is_refused(cell):
 
 
 @pytest.mark.parametrize("stale, message", [
-    (lambda x: x[:-1], "holds 199 feature vectors of 512 values, but there are 200 test images"),
+    (lambda x: x[:-1], "holds 199 feature vectors of 512 values, but there are 200 test images"),  # a hand edit
     (lambda x: np.concatenate([x, x], axis=1), "the head reads 512 values"),  # another backbone's width
 ])
 def test_a_feature_file_edited_by_hand_is_one_line_naming_the_fix(cell, stale, message):
@@ -106,8 +106,8 @@ def test_a_cache_without_flipped_test_features_is_refused_when_evaluate_flip_ask
     (outputs.FEATURES / "test_flip.npy").unlink()
     with pytest.raises(UserError) as error:
         evaluate.main()
-    assert str(error.value) == ("data/features/test_flip.npy is missing, so the feature cache predates "
-                                f"evaluate.flip: true: {FIX}")
+    assert str(error.value) == ("data/features/test_flip.npy is missing (removed since cache-features wrote the "
+                                f"cache): {FIX}")
 
 
 def test_cache_features_writes_flipped_test_features_only_when_evaluate_flip_asks(cell):

@@ -192,7 +192,8 @@ def test_a_trained_model_that_could_run_code_is_refused(project, strategy):
     set_params(project / "params.yaml", {**FAST, "strategy": strategy})
     stage("prepare_data")
     model_file, live_dir = outputs.TRAINED[strategy], outputs.LIVE[strategy]
-    for present in (live_dir / "metrics.json", outputs.FEATURE_METRICS, outputs.FEATURES / "manifest.json"):
+    for present in (live_dir / "metrics.json", outputs.FEATURE_METRICS, outputs.FEATURES / "manifest.json",
+                    outputs.FEATURES_MADE_FROM):
         outputs.write_json(present, {})  # the other inputs that evaluate checks for first
     model_file.parent.mkdir(parents=True)
     write_malicious(model_file, project / "code-ran")

@@ -3,9 +3,10 @@ draws of the training subset.
 
 One uint8 N×S×S×3 array and one int64 label array per split, as .npy, with a manifest. The
 images are written one at a time (sources.ImageFile, prepare-data's alone) and read back a batch
-at a time (open_split, then streaming.split_inputs), so that no stage's memory grows with the data.
+at a time (open_split, then read_rows), so that no stage's memory grows with the data.
 """
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -55,6 +56,21 @@ def open_train_subset(folder: Path, per_class: int | None, seed: int) -> tuple[n
         return images, labels
     subset = train_subset(labels, per_class, seed, load_manifest(folder)["classes"])
     return images[subset], labels[subset]
+
+
+def read_rows(images: np.ndarray, start: int, out: np.ndarray) -> np.ndarray:
+    """Rows start, start + 1, ... of `images` in `out`, as many as fit or remain. A memory-mapped
+    array is read from its file: so its pages stay in the page cache, and out of this process's
+    memory, where reading through the mapping would keep every page it touched."""
+    rows = min(len(out), len(images) - start)
+    if not isinstance(images, np.memmap):
+        out[:rows] = images[start:start + rows]
+        return out[:rows]
+    row_bytes = images.itemsize * math.prod(images.shape[1:])
+    with open(images.filename, "rb", buffering=0) as file:
+        file.seek(images.offset + start * row_bytes)
+        file.readinto(memoryview(out[:rows]).cast("B"))
+    return out[:rows]
 
 
 def load_manifest(folder: Path) -> dict:

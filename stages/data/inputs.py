@@ -17,6 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from stages.data import arrays
 from stages.pipeline import params
 
 
@@ -107,11 +108,14 @@ TO_DEVICE_ROWS = 4096  # images per copy of a memory-mapped split to the GPU
 
 def to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
     """The array as a tensor on the device. On the CPU a memory-mapped split stays mapped (its pages
-    are read as they are used, and the kernel may drop them); on the GPU it is copied
-    TO_DEVICE_ROWS rows at a time, so that host memory never holds the whole of it."""
+    are read as they are used, and the kernel may drop them); on the GPU it is read from its file
+    TO_DEVICE_ROWS rows at a time into one pinned buffer (arrays.read_rows), so that this process
+    never holds the whole of it."""
     if device.type == "cpu" or not isinstance(array, np.memmap):
         return torch.from_numpy(np.asarray(array)).to(device)
-    copy = torch.empty(array.shape, dtype=torch.from_numpy(array[:0]).dtype, device=device)
+    copy = torch.empty(array.shape, dtype=torch.uint8, device=device)
+    buffer = torch.empty((TO_DEVICE_ROWS, *array.shape[1:]), dtype=torch.uint8, pin_memory=True)
     for start in range(0, len(array), TO_DEVICE_ROWS):
-        copy[start:start + TO_DEVICE_ROWS] = torch.from_numpy(array[start:start + TO_DEVICE_ROWS])
+        rows = len(arrays.read_rows(array, start, buffer.numpy()))
+        copy[start:start + rows] = buffer[:rows]  # synchronous: the buffer is read into again next
     return copy

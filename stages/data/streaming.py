@@ -1,12 +1,11 @@
 """A whole prepared split as model inputs, read from its memory-mapped file a batch at a time:
 cache-features' and evaluate's way through the data, whose memory does not grow with the split."""
-import math
 from typing import Iterator
 
 import numpy as np
 import torch
 
-from stages.data import inputs
+from stages.data import arrays, inputs
 
 
 def split_inputs(images: np.ndarray, preprocess: inputs.Preprocess, batch_size: int, device: torch.device,
@@ -27,24 +26,9 @@ def device_batches(images: np.ndarray, batch_size: int, device: torch.device) ->
         host = buffers[turn % 2]
         if copies[turn % 2] is not None:
             copies[turn % 2].synchronize()  # its previous batch has reached the device
-        count = len(read_rows(images, start, host.numpy()))
+        count = len(arrays.read_rows(images, start, host.numpy()))
         host[count:] = 0
         yield host.to(device, non_blocking=pinned), count
         if pinned:
             copies[turn % 2] = torch.cuda.Event()
             copies[turn % 2].record()
-
-
-def read_rows(images: np.ndarray, start: int, out: np.ndarray) -> np.ndarray:
-    """Rows start, start + 1, ... of `images` in `out`, as many as fit or remain. A memory-mapped
-    array is read from its file: so its pages stay in the page cache, and out of this process's
-    memory, where reading through the mapping would keep every page it touched."""
-    rows = min(len(out), len(images) - start)
-    if not isinstance(images, np.memmap):
-        out[:rows] = images[start:start + rows]
-        return out[:rows]
-    row_bytes = images.itemsize * math.prod(images.shape[1:])
-    with open(images.filename, "rb", buffering=0) as file:
-        file.seek(images.offset + start * row_bytes)
-        file.readinto(memoryview(out[:rows]).cast("B"))
-    return out[:rows]

@@ -4,8 +4,7 @@ probed on FC6's output after its ReLU (fc6), or on the body's output (body)."""
 from torch import nn
 
 from stages.model import backbones
-from stages.model.backbones import Network
-from stages.pipeline import features
+from stages.pipeline import feature_cache
 from stages.pipeline.errors import UserError
 from stages.pipeline.params import Params
 
@@ -14,14 +13,14 @@ def probe_head(p: Params, num_classes: int) -> nn.Module:
     """The head that reads the cached features (train_heads.probe_layer's). Where it is one new Linear
     (any model but AlexNet's and VGG's classifier), it is made from the features' width alone: no
     backbone is built, so torchvision and timm are never imported (a second of every cell)."""
-    manifest = features.read_manifest()
+    manifest = feature_cache.read_manifest()
     if manifest.get("head_is_linear"):
         return nn.Linear(next(iter(manifest["splits"].values()))[1], num_classes)
     network = backbones.build(p.model, p.model_weights, num_classes)
     return reading(network, p.train_heads.probe_layer, num_classes).head
 
 
-def reading(network: Network, layer: str, num_classes: int) -> Network:
+def reading(network: backbones.Network, layer: str, num_classes: int) -> backbones.Network:
     """The network with a head whose new last Linear reads `layer`: its classifier cut after FC6's
     ReLU (fc6), or nothing of it (body)."""
     if layer == "penultimate":

@@ -14,9 +14,10 @@ from typing import Iterator
 from stages.pipeline.errors import UserError
 
 # Every output that dvc.yaml declares, named once here (tests/test_dag.py checks the two agree)
-INPUTS = Path("data/inputs")  # check-inputs: hashes of the image folder and weights file
+INPUTS = Path("data/inputs")  # check-inputs: hashes of the image folder and weights file; probe.json
 PREPARED = Path("data/prepared")  # prepare-data: uint8 arrays per split, and the manifest
 FEATURES = Path("data/features")  # cache-features
+FEATURES_MADE_FROM = Path("data/features_made_from.json")  # cache-features: what it read (feature_cache.py)
 FEATURE_METRICS = Path("metrics/features.json")  # cache-features: its time and images/s
 # Per strategy: the training stage whose model evaluate reads (lp_ft: finetune's, started from train-heads' probe)
 MODELS = {"feature_extraction": Path("models/train_heads"), "finetune": Path("models/finetune")}
@@ -27,7 +28,8 @@ L2_SEARCH = LIVE["feature_extraction"] / "plots" / "custom" / "l2_search.json"  
 CHECKPOINTS = Path(".checkpoints/finetune")  # not an output: where an interrupted fine-tune resumes from
 METRICS = Path("metrics/metrics.json")  # evaluate: test accuracy and loss, the whole cost
 PLOTS = Path("plots")  # evaluate: PNGs, and plots/data for dvc plots
-MADE_BY = {INPUTS: "check-inputs", PREPARED: "prepare-data", FEATURES: "cache-features", FEATURE_METRICS: "cache-features",
+MADE_BY = {INPUTS: "check-inputs", PREPARED: "prepare-data", FEATURES: "cache-features",
+           FEATURE_METRICS: "cache-features", FEATURES_MADE_FROM: "cache-features",
            MODELS["feature_extraction"]: "train-heads", LIVE["feature_extraction"]: "train-heads",
            MODELS["finetune"]: "finetune", LIVE["finetune"]: "finetune"}
 
