@@ -9,10 +9,10 @@ images. The stages' own settings come from params.yaml: batch sizes, optimizers,
 finetune.unfreeze, train_heads.trainable. Each stage's functions are called as the stage calls
 them, on the N images:
 
-    cache-features  inputs.image_inputs + cache_features.write_features: host uint8 -> fp16 .npy
+    cache-features  streaming.split_inputs + cache_features.write_features: a mapped .npy -> fp16 .npy
     train-heads     loop.fit on heads.feature_batches of fp16 features on the device
     finetune        loop.fit on finetune's batches (augment, model_input), checkpoints as params.yaml sets them
-    evaluate        inputs.image_inputs + inference.predict: host uint8 -> logits on the host
+    evaluate        streaming.split_inputs + inference.predict: a mapped .npy -> logits on the host
 
 The training stages run 2 epochs per timed run, so that what loop.fit does between epochs (state
 copies, logs, and checkpoints when finetune.checkpoint_interval_s has passed) counts as it does in
@@ -36,12 +36,13 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, NamedTuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from stages.data import inputs
+from stages.data import inputs, streaming
 from stages.model import backbones, devices, hardware, inference
 from stages.pipeline import params
 from stages.training import finetuning, heads, loop
@@ -72,6 +73,7 @@ class Setup:
     compile: bool
     batch_size: int | None  # None: each stage's own, from params.yaml
     folder: Path  # scratch: feature files, DVCLive logs, checkpoints
+    mapped: np.ndarray | None = None  # the images as the stages read a split: memory-mapped from an .npy
 
 
 def main():
@@ -97,7 +99,9 @@ def main():
 
     rows, naive_rows = [], []
     with tempfile.TemporaryDirectory() as folder:
-        s = Setup(device, size["image_size"], p.data.crop_pct, args.compile, args.batch_size, Path(folder))
+        np.save(Path(folder) / "images.npy", images.numpy())
+        s = Setup(device, size["image_size"], p.data.crop_pct, args.compile, args.batch_size, Path(folder),
+                  np.load(Path(folder) / "images.npy", mmap_mode="c"))
         for model in (args.models or size["models"]).split(","):
             for stage, runs in (("cache-features", cache_features_runs), ("train-heads", train_heads_runs),
                                 ("finetune", finetune_runs), ("evaluate", evaluate_runs)):
@@ -124,7 +128,7 @@ def cache_features_runs(network, images, labels, p, s):
     path = s.folder / "features.npy"
 
     def ours():
-        batches = inputs.image_inputs(images, network.preprocess.at(s.image_size, s.crop_pct), batch, s.device)
+        batches = streaming.split_inputs(s.mapped, network.preprocess.at(s.image_size, s.crop_pct), batch, s.device)
         write_features(body, batches, len(images), batch, dim, path, s.device, "cache")
 
     # DVC removes a stage's outputs before it runs; truncating the last run's file instead took
@@ -181,7 +185,7 @@ def evaluate_runs(network, images, labels, p, s):
     ready = ready_inputs(images, network.preprocess, s, batch)
 
     def ours():
-        batches = inputs.image_inputs(images, network.preprocess.at(s.image_size, s.crop_pct), batch, s.device)
+        batches = streaming.split_inputs(s.mapped, network.preprocess.at(s.image_size, s.crop_pct), batch, s.device)
         inference.predict(model, batches, s.device)
 
     return Runs(ours, lambda: bare_forward(model.eval(), ready, math.ceil(len(images) / batch), s.device), 1)
@@ -294,7 +298,7 @@ def our_feature_extraction(network, images, labels, p, s: Setup, epochs: int) ->
     started = time.perf_counter()
     body = prepare_body(network.body, s.device)
     dim = feature_dim(body, network.preprocess.at(s.image_size, s.crop_pct), s.device)
-    batches = inputs.image_inputs(images, network.preprocess.at(s.image_size, s.crop_pct), batch, s.device)
+    batches = streaming.split_inputs(s.mapped, network.preprocess.at(s.image_size, s.crop_pct), batch, s.device)
     write_features(body, batches, len(images), batch, dim, path, s.device, "cache")
     features, targets = load_features(path, s.device), labels.to(s.device)
     heads.set_head_trainable(network.head, "last")
