@@ -153,3 +153,13 @@ def test_a_memory_mapped_split_gives_the_batches_of_the_same_images_in_memory(tm
     assert [n for _, n in from_file] == [16, 16, 5] == [n for _, n in in_memory]
     assert all(torch.equal(a, b) for (a, _), (b, _) in zip(from_file, in_memory))
     assert torch.equal(inputs.to_device(mapped, cpu), images) and inputs.to_device(labels, cpu).tolist() == list(range(37))
+
+
+def test_read_rows_of_a_view_of_a_mapped_split_are_the_views_rows(tmp_path):
+    images = np.arange(10 * 2 * 2 * 3, dtype=np.uint8).reshape(10, 2, 2, 3)
+    np.save(tmp_path / "x_images.npy", images)
+    np.save(tmp_path / "x_labels.npy", np.arange(10))
+    mapped, _ = arrays.open_split(tmp_path, "x")
+    out = np.zeros((4, 2, 2, 3), dtype=np.uint8)
+    assert np.array_equal(arrays.read_rows(mapped, 2, out), images[2:6])  # read from the file
+    assert np.array_equal(arrays.read_rows(mapped[5:], 2, out), images[7:10])  # a view: its own rows

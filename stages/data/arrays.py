@@ -7,6 +7,7 @@ at a time (open_split, then read_rows), so that no stage's memory grows with the
 """
 import json
 import math
+import mmap
 from pathlib import Path
 
 import numpy as np
@@ -63,7 +64,7 @@ def read_rows(images: np.ndarray, start: int, out: np.ndarray) -> np.ndarray:
     array is read from its file: so its pages stay in the page cache, and out of this process's
     memory, where reading through the mapping would keep every page it touched."""
     rows = min(len(out), len(images) - start)
-    if not isinstance(images, np.memmap):
+    if not isinstance(images, np.memmap) or not isinstance(images.base, mmap.mmap):  # a view's offset is its file's
         out[:rows] = images[start:start + rows]
         return out[:rows]
     row_bytes = images.itemsize * math.prod(images.shape[1:])
