@@ -7,10 +7,10 @@ runs its whole model on them. Feature extraction's body is frozen, so cache-feat
 it over the test images (and their mirror images, with evaluate.flip): the head runs on those
 cached features, once the cache is shown to come from the data, code, weights and params that
 cache-features would read now (stages/pipeline/feature_cache.py), and builds no backbone where the
-head is one Linear. evaluate.flip
-averages each image's logits with its mirror image's. Writes metrics/metrics.json (test accuracy
-and loss, and the whole cell's cost: the feature cache's time, training's and evaluation's, each
-recorded by its own stage), plots/data/ for `dvc plots` (per-class accuracy too), and PNGs.
+head is one Linear. evaluate.flip averages each image's logits with its mirror image's. Writes
+metrics/metrics.json (test accuracy and loss, and the whole cell's cost: the feature cache's time,
+training's and evaluation's, each recorded by its own stage), plots/data/ for `dvc plots`
+(per-class accuracy too), and PNGs.
 """
 
 import os
