@@ -117,10 +117,14 @@ def accuracy(args) -> None:
 
 
 def set_params(path: Path, changes: dict) -> None:
-    """Writes dotted-key changes into a params.yaml, as `dvc exp run -S` would."""
+    """Writes dotted-key changes into a params.yaml, as `dvc exp run -S` would, then validates and records
+    them for the stages, as check-inputs does."""
     import yaml
+    from stages.pipeline import param_checks, params
     from stages.study.experiments import nest
     path.write_text(yaml.safe_dump(nest(changes, into=yaml.safe_load(path.read_text())), sort_keys=False))
+    param_checks.validate(params.read(path))
+    params.record_checked(params.read(path), path)
 
 
 if __name__ == "__main__":

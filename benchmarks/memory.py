@@ -42,6 +42,7 @@ def main():
             write_image_folder(folder, count, args.size)
             print(f"{count} images written in {time.perf_counter() - started:.0f} s", flush=True)
             project = project_copy(Path(scratch) / f"project-{count}", folder, args.size, args.model)
+            subprocess.run([sys.executable, "-m", "stages.check_inputs"], cwd=project, check=True, capture_output=True)
             peaks = {stage: peak_rss_of([sys.executable, "-m", f"stages.{stage}"], project)
                      for stage in ("prepare_data", "cache_features")}
             arrays = sum(p.stat().st_size for p in (project / "data/prepared").glob("*.npy"))

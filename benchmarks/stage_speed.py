@@ -44,7 +44,7 @@ from torch import nn
 
 from stages.data import inputs, streaming
 from stages.model import backbones, devices, hardware, inference
-from stages.pipeline import params
+from stages.pipeline import param_checks
 from stages.training import finetuning, heads, loop
 from stages.training.checkpoints import Checkpoints
 from stages.cache_features import feature_dim, prepare_body, write_features
@@ -88,7 +88,7 @@ def main():
     parser.add_argument("--repeats", type=int, default=3, help="timed runs of each side at least, after a warm-up")
     args = parser.parse_args()
     size = SIZES[args.size]
-    p = params.load()
+    p = param_checks.load()
     device = devices.setup(args.device)
     n = args.images or size["images"]
     images = torch.randint(0, 256, (n, 32, 32, 3), dtype=torch.uint8)

@@ -1,4 +1,4 @@
-"""What a stage spends before its first batch: params.load(), its imports, the model's build.
+"""What a stage spends before its first batch: reading params.yaml, its imports, the model's build.
 
     python -m benchmarks.startup                      # alexnet, vgg16, lite0; medians of 5 fresh processes
     python -m benchmarks.startup --models alexnet --runs 3
@@ -32,8 +32,10 @@ def main():
     parser.add_argument("--models", default="alexnet,vgg16,timm/tf_efficientnet_lite0")
     parser.add_argument("--runs", type=int, default=5)
     args = parser.parse_args()
-    rows = [("params.load()", seconds_in_fresh_process(
-        "from stages.pipeline import params; params.load()", runs=args.runs))]
+    rows = [("param_checks.load() (check-inputs)", seconds_in_fresh_process(
+        "from stages.pipeline import param_checks; param_checks.load()", runs=args.runs)),
+            ("params.typed(params.read()) (a stage's load, its record check aside)", seconds_in_fresh_process(
+                "from stages.pipeline import params; params.typed(params.Params, params.read())", runs=args.runs))]
     for name in STAGES:
         rows.append((f"import stages.{name}", seconds_in_fresh_process(f"import stages.{name}", runs=args.runs)))
     for model in args.models.split(","):

@@ -7,7 +7,8 @@ which validates params.yaml first: a bad value stops `dvc repro` with one line, 
 earlier output stays. Then it writes data/inputs/source.json and data/inputs/weights.json,
 with the content hash of a local image folder or weights file: DVC tracks params, not the
 files that they name, so these make editing an image or swapping a weights file rerun what
-reads it, and nothing else. An image's hash is remembered until its inode, size or
+reads it, and nothing else. Last, data/inputs/params_checked.json: the content of params.yaml
+that passed, which every stage's params.load() requires. An image's hash is remembered until its inode, size or
 modification time changes, so that an unchanged folder is not read again. The stage runs
 every time (always_changed), but its outputs change only when the inputs do. Downloads
 (CIFAR, hub weights) are checked by their own md5.
@@ -21,10 +22,9 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Iterator
 
-from configobj import ConfigObj  # DVC's own config reader
 from tqdm import tqdm
 
-from stages.pipeline import outputs, params, probe_plan
+from stages.pipeline import outputs, param_checks, params, probe_plan
 from stages.pipeline.errors import run_stage
 
 KNOWN_MODELS = "known_models.json"  # model names and image sizes checked, per registry version and checking code
@@ -32,7 +32,8 @@ FILE_HASHES = "file_hashes.json"  # {the last image folder hashed: {file: "inode
 
 
 def main():
-    p = params.load()
+    raw = params.read()
+    p = param_checks.validate(raw)
     check_model(p.model, p.data.image_size)
     train_counts = None
     if p.data.source == "imagefolder":  # its class folders, before DVC removes prepare-data's outputs
@@ -42,6 +43,7 @@ def main():
     outputs.write_json(outputs.INPUTS / "source.json", source_fingerprint(p.data))
     outputs.write_json(outputs.INPUTS / "weights.json", weights_fingerprint(p.model, p.model_weights))
     probe_plan.write(p.probes)
+    params.record_checked(raw)  # last: what the stages read has passed every check
     print(f"params.yaml, {p.model} at {p.data.image_size} px and the inputs checked: {outputs.INPUTS}/ written")
 
 
@@ -168,6 +170,7 @@ def memory_file(name: str) -> Path | None:
     hashes the image folder again."""
     if not Path(".dvc").is_dir():
         return None
+    from configobj import ConfigObj  # DVC's own config reader: a machine without DVC has no .dvc/
     local = Path(".dvc/config.local")
     cache = Path(ConfigObj(str(local)).get("cache", {}).get("dir", "")) if local.exists() else Path()
     shared = cache.is_absolute() and cache.name == "cache" and cache.parent.name == ".dvc"

@@ -17,6 +17,7 @@ import pytest
 import yaml
 
 from stages import check_inputs
+from stages.pipeline import param_checks, params
 from stages.study.experiments import nest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -70,9 +71,20 @@ def current_test(request):
 
 
 def set_params(path: Path, changes: dict) -> None:
-    """Writes dotted-key changes into a params.yaml."""
-    params = nest(changes, into=yaml.safe_load(path.read_text()))
-    path.write_text(yaml.safe_dump(params, sort_keys=False))
+    """Writes dotted-key changes into a params.yaml and, if they pass param_checks, records them as
+    check-inputs does (its model checks aside), so that the stages that a test runs read them."""
+    raw = nest(changes, into=yaml.safe_load(path.read_text()))
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    record_if_valid(path)
+
+
+def record_if_valid(path: Path) -> None:
+    raw = params.read(path)
+    try:
+        param_checks.validate(raw)
+    except params.ParamError:
+        return
+    params.record_checked(raw, path)
 
 
 def processes_in(folder: Path, command_part: bytes = b"") -> list[int]:
@@ -94,6 +106,7 @@ def project(tmp_path, monkeypatch):
         shutil.copy(REPO / name, tmp_path / name)
     shutil.copytree(REPO / "stages", tmp_path / "stages", ignore=shutil.ignore_patterns("__pycache__"))
     monkeypatch.chdir(tmp_path)
+    record_if_valid(tmp_path / "params.yaml")
     monkeypatch.setenv("PATH", str(Path(sys.executable).parent) + os.pathsep + os.environ["PATH"])
     return tmp_path
 
@@ -178,7 +191,7 @@ def full_model_accuracy() -> float:
 
     from stages.data import arrays, streaming
     from stages.model import backbones, devices, hardware, inference
-    from stages.pipeline import outputs, params, trained
+    from stages.pipeline import outputs, trained
     p = params.load()
     device = devices.setup(p.device)
     images, labels = arrays.open_split(outputs.PREPARED, "test")

@@ -16,14 +16,14 @@ from PIL import Image
 
 from stages import check_inputs, prepare_data
 from stages.data import arrays, sources
-from stages.pipeline import params
+from stages.pipeline import param_checks, params
 from stages.pipeline.errors import run_stage
 from tests.conftest import CIFAR_JPEG, FAST, needs_shared, set_params, unpack_cifar_jpeg
 
 
 def data_params(project, **changes) -> params.DataParams:
     set_params(project / "params.yaml", {**FAST, **{f"data.{k}": v for k, v in changes.items()}})
-    return params.load().data
+    return param_checks.load().data
 
 
 def test_synthetic_source_is_seeded_balanced_and_split(project):

@@ -8,7 +8,7 @@ import torchvision
 from PIL import Image
 
 from stages.data import arrays, augment, inputs, streaming
-from stages.pipeline import params
+from stages.pipeline import param_checks, params
 from stages.training import finetuning
 from tests.conftest import CIFAR_JPEG, needs_shared, unpack_cifar_jpeg
 
@@ -124,7 +124,7 @@ def test_augment_flips_and_crops_each_image_on_its_own():
 def test_finetune_batches_keep_or_drop_the_partial_last_batch_and_split_across_processes():
     images = torch.randint(0, 256, (70, 8, 8, 3), dtype=torch.uint8)
     labels = torch.arange(70)
-    p = params.load()
+    p = param_checks.load()
 
     def batches(cfg, rank=0, world=1):
         generator = torch.Generator().manual_seed(0)

@@ -6,13 +6,13 @@ import pytest
 import yaml
 
 from stages import check_inputs
-from stages.pipeline import params
+from stages.pipeline import outputs, param_checks, params
 from stages.study import protocols
 from tests.conftest import FAST, set_params, stage
 
 
 def test_the_committed_params_are_valid_and_are_the_notebook_protocol():
-    p = params.load("params.yaml")
+    p = param_checks.load("params.yaml")
     assert (p.model, p.strategy, p.data.source, p.data.image_size) == ("alexnet", "feature_extraction", "cifar10", 224)
     raw = yaml.safe_load(open("params.yaml"))
     assert protocols.protocol_of(raw) == "notebook" and protocols.differences(raw, "notebook") == []
@@ -28,13 +28,28 @@ def test_every_protocol_sets_the_same_keys_and_each_is_valid(project):
     for name in protocols.PROTOCOLS:
         set_params(project / "params.yaml", protocols.overrides(name))
         assert protocols.protocol_of(yaml.safe_load((project / "params.yaml").read_text())) == name
-        params.load()
+        param_checks.load()
 
 
-def test_loading_imports_no_model_registry():  # its time: python -m benchmarks.startup
-    result = stage_in_fresh_python("import sys; from stages.pipeline import params; params.load(); "
-                                   "print(sorted({'torch', 'torchvision', 'timm'} & set(sys.modules)))")
+def test_checking_and_loading_import_no_model_registry(project):  # its time: python -m benchmarks.startup
+    result = stage_in_fresh_python("import sys; from stages.pipeline import param_checks, params; param_checks.load(); "
+                                   "params.load(); print(sorted({'torch', 'torchvision', 'timm'} & set(sys.modules)))")
     assert result.strip() == "[]"
+
+
+def test_a_stage_reads_only_what_check_inputs_validated(project):
+    assert params.load() == param_checks.load()  # the fixture recorded the copied params.yaml as check-inputs does
+    text = (project / "params.yaml").read_text()
+    (project / "params.yaml").write_text(text.replace("seed: 0", "seed: 0  # a comment changes no content", 1))
+    assert params.load().seed == 0
+    (project / "params.yaml").write_text(text.replace("lr: 1.0e-3", "lr: -1", 1))
+    with pytest.raises(params.ParamError, match="^params.yaml is not what check-inputs validated last: run python -m "
+                       "stages.check_inputs first"):
+        params.load()
+    (project / outputs.CHECKED_PARAMS).unlink()
+    (project / "params.yaml").write_text(text)
+    with pytest.raises(params.ParamError, match="is not what check-inputs validated last"):
+        params.load()
 
 
 def stage_in_fresh_python(code: str) -> str:
@@ -73,7 +88,7 @@ def stage_in_fresh_python(code: str) -> str:
 def test_a_bad_value_names_its_key_and_how_to_restore_the_file(project, changes, message):
     set_params(project / "params.yaml", changes)
     with pytest.raises(params.ParamError, match="^params.yaml: " + re.escape(message)) as raised:
-        params.load()
+        param_checks.load()
     assert str(raised.value).endswith("git checkout params.yaml restores the committed values)")
 
 
@@ -81,21 +96,23 @@ def test_a_bad_value_names_its_key_and_how_to_restore_the_file(project, changes,
 def test_an_unknown_model_is_caught_by_check_inputs(project, model):
     set_params(project / "params.yaml", {"model": model})
     with pytest.raises(params.ParamError, match="model is not a torchvision classification model"):
-        check_inputs.check_model_name(params.load().model)
+        check_inputs.check_model_name(param_checks.load().model)
 
 
 def test_unknown_and_missing_keys_are_named(project):
     text = (project / "params.yaml").read_text()
     (project / "params.yaml").write_text(text.replace("  flip: false   ", "  flipp: false   ", 1))
     with pytest.raises(params.ParamError, match="unknown key features.flipp"):
-        params.load()
+        param_checks.load()
     (project / "params.yaml").write_text(re.sub(r"(?m)^seed: .*$", "", text))
     with pytest.raises(params.ParamError, match="missing key seed"):
-        params.load()
+        param_checks.load()
 
 
 def test_numbers_in_e_notation_are_read_as_floats(project):
     (project / "params.yaml").write_text((project / "params.yaml").read_text().replace("lr: 1.0e-3", "lr: 3e-4", 1))
+    assert param_checks.load().train_heads.lr == 3e-4
+    params.record_checked(params.read())
     assert params.load().train_heads.lr == 3e-4
 
 
@@ -111,7 +128,9 @@ def test_a_stage_reports_a_bad_value_in_one_line_and_keeps_earlier_outputs(proje
             if name == "prepare_data" and "model" in bad:
                 continue  # the model's name is check-inputs' to check; prepare-data never reads it
             assert result.returncode == 2, result.stderr
-            assert result.stderr.startswith("error: params.yaml: ") and result.stderr.count("\n") == 1
+            assert result.stderr.startswith("error: params.yaml: " if name == "check_inputs" else
+                                            "error: params.yaml is not what check-inputs validated last")
+            assert result.stderr.count("\n") == 1
             assert "Traceback" not in result.stderr
     assert (project / "data/prepared/train_images.npy").read_bytes() == before
 
@@ -128,4 +147,6 @@ def test_a_folder_of_weights_gives_each_model_its_own_file(project):
         assert params.load().model_weights == str(folder / file)
     (folder / "resnet18.a1.pth").write_bytes(b"")
     with pytest.raises(params.ParamError, match="holds 2 files for model resnet18"):
-        params.load()
+        param_checks.load()
+    with pytest.raises(params.ParamError, match="holds 2 files for model resnet18"):
+        params.load().model_weights  # a stage run by hand after the folder changed

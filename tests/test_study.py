@@ -14,7 +14,7 @@ import yaml
 from hydra.core.override_parser.overrides_parser import OverridesParser
 
 from stages.study import charts, experiments, grid as study, protocols, queue, remotes, report
-from stages.pipeline import params
+from stages.pipeline import param_checks
 from stages.pipeline.errors import UserError
 from stages.study.table import gains_over_scratch, results, runs
 from tests.conftest import REPO, TINY, processes_in, run
@@ -276,7 +276,7 @@ def test_lp_ft_cells_and_a_folder_of_weights_give_each_model_its_cells_and_its_f
     names = [remotes.cell_name(c, study.expected(c, DEFAULTS), "abc") for c in cells]
     assert len(set(names)) == len(cells) and {n.split("-")[-3] for n in names} == {"fe", "lp"}
     for cell in cells:  # each cell's params validate, and its model finds its own weights file in the folder
-        checked = params.validate(experiments.nest(study.expected(cell, DEFAULTS)))
+        checked = param_checks.validate(experiments.nest(study.expected(cell, DEFAULTS)))
         assert checked.model_weights == str(folder / (cell["model"].removeprefix("timm/") + ".in1k.pth"))
 
 

@@ -15,6 +15,7 @@ from stages.pipeline.errors import UserError
 
 # Every output that dvc.yaml declares, named once here (tests/test_dag.py checks the two agree)
 INPUTS = Path("data/inputs")  # check-inputs: hashes of the image folder and weights file; probe.json
+CHECKED_PARAMS = INPUTS / "params_checked.json"  # check-inputs: what it validated (params.load reads it)
 PREPARED = Path("data/prepared")  # prepare-data: uint8 arrays per split, and the manifest
 FEATURES = Path("data/features")  # cache-features
 FEATURES_MADE_FROM = Path("data/features_made_from.json")  # cache-features: what it read (feature_cache.py)

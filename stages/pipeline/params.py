@@ -1,21 +1,22 @@
-"""params.yaml, loaded once and validated into frozen dataclasses.
+"""params.yaml as frozen dataclasses, for the stages.
 
-Every stage calls `load()` first, so a wrong key, type or value stops it with a one-line
-error before it touches an output; the check-inputs stage runs the same validation ahead of
-every other stage, so that `dvc repro` stops before DVC deletes any stage's outputs.
-`load()` is quick: it imports no model registry (check_inputs checks the model's name).
-What each setting means is said once, in params.yaml's comments; here are their types and limits.
+check-inputs, which dvc repro runs before every other stage, validates params.yaml
+(stages/pipeline/param_checks.py: types and limits) and records the content it validated; `load()`
+gives a stage that content, and refuses in one line a params.yaml changed since, as when a stage
+is run by hand after an edit. What each setting means is said once, in params.yaml's comments.
 """
+import dataclasses
+import hashlib
+import json
 import math
-import operator
-import types
 import typing
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Union
 
 import yaml
 
+from stages.pipeline import outputs
 from stages.pipeline.errors import UserError
 
 PARAMS_FILE = "params.yaml"
@@ -142,7 +143,7 @@ class Params:
         name = self.model.removeprefix("timm/")
         found = sorted(str(f) for f in folder.iterdir() if f.name.endswith(WEIGHTS_SUFFIXES)
                        and f.name.startswith(name + ".") and f.is_file())
-        _require(len(found) == 1, "weights", f"holds {len(found)} files for model {self.model} ({', '.join(found) or 'none'}): "
+        require(len(found) == 1, "weights", f"holds {len(found)} files for model {self.model} ({', '.join(found) or 'none'}): "
                  f"it needs one, named {name}.pth (or {name}.<tag>.pth)", self.weights)
         return found[0]
 
@@ -156,86 +157,41 @@ class Params:
         return self.strategy in ("finetune", "lp_ft")
 
 
-# The limits of the values, per section: (setting, rule, ok(value, section)), checked in this order
-# once the section is built (data.synthetic before data, the sections before the whole). Those of
-# "train" hold in train_heads and finetune alike.
-LIMITS = {
-    "data.synthetic": [("classes", "must be at least 2", lambda v, s: v >= 2),
-                       ("train_per_class", "must be positive", lambda v, s: v > 0),
-                       ("test_per_class", "must be positive", lambda v, s: v > 0)],
-    "data": [
-        ("split_seed", "must be >= 0", lambda v, d: v >= 0),
-        ("image_size", "must be at least 16", lambda v, d: v >= 16),
-        ("crop_pct", "must be in (0, 1]", lambda v, d: 0 < v <= 1),
-        ("val_fraction", "must be in [0, 1)", lambda v, d: 0 <= v < 1),
-        ("limit_per_class", "must be a positive integer or null", lambda v, d: v is None or v > 0),
-        ("train_per_class", "must be a positive integer or null (every training image)", lambda v, d: v is None or v > 0),
-        ("stored_size", "must be at least 8, or null", lambda v, d: v is None or v >= 8),
-        ("stored_size", "must be null or 32 for CIFAR, whose images are 32 px",
-         lambda v, d: v in (None, 32) or not d.source.startswith("cifar")),
-        ("max_image_pixels", "must be positive", lambda v, d: v > 0),
-        *[("root", f"must hold {split}/<class>/ image folders; set it to your image folder's root",
-           lambda v, d, split=split: d.source != "imagefolder" or Path(v, split).is_dir()) for split in ("train", "test")]],
-    "features": [("batch_size", "must be positive", lambda v, f: v > 0)],
-    "train": [
-        ("lr", "must be positive", lambda v, t: v > 0),
-        ("momentum", "must be in [0, 1)", lambda v, t: 0 <= v < 1),
-        ("nesterov", "needs optimizer sgd and a momentum above 0", lambda v, t: not v or (t.optimizer == "sgd" and t.momentum > 0)),
-        ("weight_decay", "must be >= 0", lambda v, t: v >= 0),
-        ("epochs", "must be positive", lambda v, t: v > 0),
-        ("min_steps", "must be >= 0", lambda v, t: v >= 0),
-        ("batch_size", "must be positive", lambda v, t: v > 0),
-        ("warmup_epochs", "must be in [0, {section}.epochs)", lambda v, t: 0 <= v < t.epochs),
-        ("patience", "must be a positive integer or null", lambda v, t: v is None or v > 0),
-        ("label_smoothing", "must be in [0, 1)", lambda v, t: 0 <= v < 1)],
-    "train_heads": [("solver", "lbfgs fits the last Linear alone: set train_heads.trainable: last",
-                     lambda v, h: v == "minibatch" or h.trainable == "last")],
-    "finetune": [
-        ("processes", "must be at least 1", lambda v, f: v >= 1),
-        ("batch_size", "must be at least finetune.processes (the global batch is split across them)",
-         lambda v, f: v >= f.processes),
-        ("unfreeze", "must be a number of blocks >= 0, or 'all'", lambda v, f: v == "all" or v >= 0),
-        ("backbone_lr", "must be positive", lambda v, f: v > 0),
-        ("crop_padding", "must be >= 0", lambda v, f: v >= 0),
-        ("checkpoint_interval_s", "must be >= 0", lambda v, f: v >= 0)],
-    "evaluate": [("batch_size", "must be positive", lambda v, e: v > 0)],
-    "": [
-        ("seed", "must be >= 0", lambda v, p: v >= 0),
-        ("weights", "must be imagenet, none, the path of an existing state_dict file, or a folder of them named after "
-         "the models", lambda v, p: v in ("imagenet", "none") or Path(v).exists()),
-        ("weights", "a state_dict file must end in .pth, .pt or .safetensors",
-         lambda v, p: v in ("imagenet", "none") or p.model_weights.endswith(WEIGHTS_SUFFIXES)),
-        ("strategy", "lp_ft fine-tunes from a probe of pretrained features, and weights is none: that is training "
-         "from scratch, strategy finetune", lambda v, p: v != "lp_ft" or p.weights != "none"),
-        ("train_heads.probe_layer", "must be penultimate with strategy lp_ft: finetune starts from the probe as the "
-         "model's own head", lambda v, p: p.strategy != "lp_ft" or v == "penultimate"),
-        ("model", "must name a torchvision model or timm/<name>", lambda v, p: v.strip() == v and v not in ("", "timm/")),
-        ("train_heads.probe_layer", "fc6 and body need AlexNet's or VGG's classifier: use penultimate",
-         lambda v, p: v == "penultimate" or p.model == "alexnet" or p.model.startswith("vgg")),
-        ("train_heads.solver", "lbfgs chooses its L2 strength on a validation split: set data.val_fraction above 0",
-         lambda v, p: p.data.has_validation or v == "minibatch"),
-        *[(f"{section}.patience", "needs a validation split: set data.val_fraction above 0, or patience: null",
-           lambda v, p: p.data.has_validation or v is None) for section in ("train_heads", "finetune")]],
-}
-
-
-def load(path=PARAMS_FILE) -> Params:
+def read(path=PARAMS_FILE) -> dict:
+    """params.yaml's content, as YAML reads it."""
     try:
-        raw = yaml.safe_load(Path(path).read_text())
+        return yaml.safe_load(Path(path).read_text())
     except FileNotFoundError:
         raise ParamError(f"{path} not found: run from the project's root") from None
     except yaml.YAMLError as error:
         raise ParamError(f"{path} is not valid YAML: {str(error).splitlines()[0]}") from None
-    return validate(raw)
 
 
-def validate(raw: dict) -> Params:
-    """Params from params.yaml's content (nested), or the ParamError of its first mistake."""
-    p = _build(Params, raw, prefix="")
-    stored = p.data.stored_size or (None if p.data.source == "imagefolder" else 32)
-    if stored:  # an image folder's own size is known once it is prepared: finetune checks it then
-        check_crop_padding(p.finetune.crop_padding, stored)
-    return p
+def load(path=PARAMS_FILE) -> Params:
+    """The stages' params: the content that check-inputs validated last (record_checked)."""
+    raw, record = read(path), Path(path).parent / outputs.CHECKED_PARAMS
+    recorded = outputs.read_json(record) if record.exists() else {}
+    if recorded.get("sha256") != content_sha256(raw):
+        raise ParamError(f"{path} is not what check-inputs validated last: run python -m stages.check_inputs "
+                         "first (dvc repro does)")
+    return typed(Params, raw)
+
+
+def record_checked(raw: dict, path=PARAMS_FILE) -> None:
+    """check-inputs' record that `raw`, the content of `path`, passed every check."""
+    outputs.write_json(Path(path).parent / outputs.CHECKED_PARAMS, {"sha256": content_sha256(raw)})
+
+
+def content_sha256(raw: dict) -> str:
+    """Of the content, not the text: an edited comment needs no new check."""
+    return hashlib.sha256(json.dumps(raw, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def typed(cls, raw: dict):
+    """Dataclass `cls` from validated content: its sections built, float settings as floats."""
+    hints = typing.get_type_hints(cls)
+    return cls(**{name: typed(hints[name], value) if dataclasses.is_dataclass(hints[name])
+                  else float(value) if hints[name] is float else value for name, value in raw.items()})
 
 
 def resize_side(size: int, crop_pct: float) -> int:
@@ -243,73 +199,11 @@ def resize_side(size: int, crop_pct: float) -> int:
 
 
 def check_crop_padding(padding: int, stored: int) -> None:
-    _require(padding < stored, "finetune.crop_padding", f"must be below the stored image size, {stored} px", padding)
+    require(padding < stored, "finetune.crop_padding", f"must be below the stored image size, {stored} px", padding)
 
 
-def _require(ok: bool, key: str, rule: str, value) -> None:
+def require(ok: bool, key: str, rule: str, value) -> None:
     if not ok:
         raise ParamError(f"params.yaml: {key} {rule}", value, restore_hint=True)
 
 
-def _build(cls, raw, prefix: str):
-    """Builds dataclass `cls` from a dict, rejecting unknown, missing and mistyped keys."""
-    section = prefix.rstrip(".") or "params.yaml"
-    if not isinstance(raw, dict):
-        raise ParamError(f"params.yaml: {section} must be a mapping (got {raw!r})")
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in fields(cls)]
-    unknown = sorted(set(raw) - set(names))
-    if unknown:
-        raise ParamError(f"params.yaml: unknown key {prefix}{unknown[0]} (known in {section}: {', '.join(names)})")
-    values = {}
-    for name in names:
-        key = prefix + name
-        if name not in raw:
-            raise ParamError(f"params.yaml: missing key {key}")
-        hint, value = hints[name], raw[name]
-        if hint is float and isinstance(value, str):  # YAML 1.1 reads 1e-3 as a string
-            value = _parse_float(value)
-        if isinstance(hint, type) and hasattr(hint, "__dataclass_fields__"):
-            values[name] = _build(hint, value, prefix=key + ".")
-        elif _fits(value, hint):
-            values[name] = float(value) if hint is float else value
-        else:
-            _require(False, key, f"must be {_describe(hint)}", value)
-    built = cls(**values)
-    for group in (["train"] if issubclass(cls, TrainParams) else []) + [prefix.rstrip(".")]:
-        for name, rule, ok in LIMITS.get(group, []):
-            value = operator.attrgetter(name)(built)
-            _require(ok(value, built), prefix + name, rule.format(section=prefix.rstrip(".")), value)
-    return built
-
-
-def _fits(value, hint) -> bool:
-    origin = typing.get_origin(hint)
-    if origin is Literal:
-        return value in typing.get_args(hint)
-    if origin in (Union, types.UnionType):
-        return any(_fits(value, arg) for arg in typing.get_args(hint))
-    if hint is type(None):
-        return value is None
-    if hint is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    return isinstance(value, hint)
-
-
-def _describe(hint) -> str:
-    origin = typing.get_origin(hint)
-    if origin is Literal:
-        return "one of " + ", ".join(str(a).lower() if isinstance(a, bool) else str(a) for a in typing.get_args(hint))
-    if origin in (Union, types.UnionType):
-        return " or ".join(_describe(arg) for arg in typing.get_args(hint))
-    return {type(None): "null", float: "a number", int: "an integer",
-            bool: "true or false", str: "a string"}.get(hint, hint.__name__)
-
-
-def _parse_float(text: str):
-    try:
-        return float(text)
-    except ValueError:
-        return text

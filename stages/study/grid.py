@@ -46,7 +46,7 @@ from hydra.errors import HydraException
 import yaml
 
 from stages import check_inputs
-from stages.pipeline import params
+from stages.pipeline import param_checks, params
 from stages.pipeline.errors import UserError
 from stages.study import experiments, protocols, queue, remotes, report
 from stages.study.experiments import dvc, flat
@@ -173,7 +173,7 @@ def applies(key: str, strategy: str, pipeline: dict | None) -> bool:
 def validate(cell: dict, workspace: dict, sweeps: dict) -> None:
     """The cell's whole params.yaml through params' validation; a mistake names the swept value, if any."""
     try:
-        check_inputs.check_train_per_class(params.validate(experiments.nest(expected(cell, workspace))).data)
+        check_inputs.check_train_per_class(param_checks.validate(experiments.nest(expected(cell, workspace))).data)
     except params.ParamError as error:
         swept = ", ".join(f"{key}={cell[key]!r}" for key in sweeps if key in cell)
         raise UserError(error.problem + (f" in the cell with {swept}" if swept else "") + ": fix the -S value") from None
