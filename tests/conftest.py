@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 import tarfile
+import time
 from pathlib import Path
 
 import pytest
@@ -97,6 +98,13 @@ def processes_in(folder: Path, command_part: bytes = b"") -> list[int]:
         except OSError:  # it ended meanwhile, or is not ours to read
             pass
     return found
+
+
+def kill_session(session: int) -> None:
+    """kill -9 of every process in the session, again until none is left: a process that was being
+    forked as pkill listed them (a stage that DVC starts) would live on and write outputs later."""
+    while subprocess.run(["pkill", "-KILL", "-s", str(session)]).returncode == 0:
+        time.sleep(0.05)
 
 
 @pytest.fixture

@@ -13,8 +13,8 @@ import yaml
 from stages import cache_features
 from stages.pipeline import outputs
 from stages.pipeline.errors import UserError
-from tests.conftest import (CHANCE, FAST, LEARNS, full_model_accuracy, processes_in, ran_stages, restored_stages, run,
-                            set_params, stage, write_malicious)
+from tests.conftest import (CHANCE, FAST, LEARNS, full_model_accuracy, kill_session, processes_in, ran_stages,
+                            restored_stages, run, set_params, stage, write_malicious)
 
 def metrics(project, path: str = "metrics/metrics.json") -> dict:
     """One of the pipeline's metrics files: evaluate's by default."""
@@ -114,7 +114,7 @@ def test_identical_runs_give_identical_outputs_a_kill_9_recovers_and_a_code_edit
     deadline = time.monotonic() + 120
     while (features / "manifest.json").exists() and time.monotonic() < deadline:
         time.sleep(0.01)
-    subprocess.run(["pkill", "-KILL", "-s", str(process.pid)])
+    kill_session(process.pid)
     process.wait()
     assert process.returncode == -signal.SIGKILL and not (features / "manifest.json").exists()
     run("dvc", "repro")
@@ -234,7 +234,7 @@ def test_finetune_under_torchrun_with_two_processes_resumes_after_kill_9(dvc_pro
     deadline = time.monotonic() + 300
     while not list((dvc_project / ".checkpoints").rglob("last.pt")) and time.monotonic() < deadline:
         time.sleep(0.05)
-    subprocess.run(["pkill", "-KILL", "-s", str(process.pid)])  # dvc and torchrun; the workers die with it
+    kill_session(process.pid)  # dvc and torchrun; the workers die with it
     process.wait()
     deadline = time.monotonic() + 10
     while processes_in(dvc_project, b"stages.finetune") and time.monotonic() < deadline:
@@ -295,7 +295,7 @@ def test_a_killed_finetune_resumes_only_for_the_same_weights_and_code(dvc_projec
                                    start_new_session=True)
         while not list((dvc_project / ".checkpoints").rglob("last.pt")) and process.poll() is None:
             time.sleep(0.05)
-        subprocess.run(["pkill", "-KILL", "-s", str(process.pid)])
+        kill_session(process.pid)
         process.wait()
 
     set_params(dvc_project / "params.yaml", {**LEARNS, "strategy": "finetune", "model": "resnet18",
