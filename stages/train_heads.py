@@ -4,8 +4,8 @@ train_heads section says what each setting does).
     python -m stages.train_heads         # or: dvc repro train-heads
 
 Writes models/train_heads/model.pt (the best epoch by val accuracy, the last one without a
-validation split, or the probe, its features' standardisation folded in) and DVCLive's record to
-live/train_heads/.
+validation split, or the probe, its features' standardisation folded in) and its record to
+live/train_heads/, in DVCLive's layout, written at the end (training/loop.py's Record).
 """
 from stages.pipeline import feature_cache, outputs, params, probe_plan
 from stages.pipeline.errors import run_stage

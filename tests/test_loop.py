@@ -23,7 +23,8 @@ def test_warmup_then_cosine_per_step():
     assert loop.lr_factor(9, 4, 12, "constant") == 1.0
 
 
-def fit(tmp_path, config: TrainParams, val_accuracies=None, validation=True, checkpoint=None, start=False):
+def fit(tmp_path, config: TrainParams, val_accuracies=None, validation=True, checkpoint=None, start=False,
+        watched=True):
     """A linear classifier on two separable blobs; `val_accuracies` replaces validation if given."""
     torch.manual_seed(0)
     x = torch.cat([torch.randn(64, 2) + 3, torch.randn(64, 2) - 3])
@@ -42,7 +43,7 @@ def fit(tmp_path, config: TrainParams, val_accuracies=None, validation=True, che
     training = loop.Training(model, [{"params": model.parameters(), "lr": config.lr}], batches, len(y),
                              validate if validation else None, start_is_a_candidate=start)
     return loop.fit(training, config, 0, torch.device("cpu"), tmp_path / "live",
-                    Checkpoints(checkpoint, "test") if checkpoint else None)
+                    Checkpoints(checkpoint, "test") if checkpoint else None, watched)
 
 
 def checkpoint_file(folder):
@@ -57,6 +58,25 @@ def test_fit_learns_with_each_optimizer_and_logs_every_epoch_with_dvclive(tmp_pa
     assert (tmp_path / "live/plots/metrics/val/accuracy.tsv").read_text().count("\n") == 7  # header + 6
     summary = loop_summary(tmp_path)
     assert summary["step"] == 5 and summary["trainable_params"] == 6 and summary["time_s"] > 0
+
+
+@pytest.mark.parametrize("validation", [True, False])
+def test_a_heads_record_without_dvclive_is_dvclives_files(tmp_path, validation):
+    for watched in (True, False):  # DVCLive's Live, then Record
+        fit(tmp_path / str(watched), cfg(epochs=3, patience=2 if validation else None), validation=validation,
+            watched=watched)
+    live, record = tmp_path / "True/live", tmp_path / "False/live"
+    curves = sorted(f.relative_to(live) for f in (live / "plots").rglob("*.tsv"))
+    assert curves == sorted(f.relative_to(record) for f in (record / "plots").rglob("*.tsv"))
+    assert len(curves) == (4 if validation else 2)
+    for curve in curves:  # same epochs, same values: the fit is deterministic on the CPU
+        assert (live / curve).read_text() == (record / curve).read_text()
+    timings = ("time_s", "images_per_s")
+    assert ({k: v for k, v in loop_summary(tmp_path / "True").items() if k not in timings} ==
+            {k: v for k, v in loop_summary(tmp_path / "False").items() if k not in timings})
+    other = loop.Record(None)  # a torchrun worker that does not write
+    other.log_metric("train/loss", 1.0)
+    other.end()
 
 
 def loop_summary(tmp_path):

@@ -48,7 +48,7 @@ def train(p: params.Params) -> None:
     trainable = [t for t in head.parameters() if t.requires_grad]
     training = loop.Training(head, [{"params": trainable, "lr": cfg.lr}], train_batches, len(labels["train"]),
                              validate if len(labels["val"]) else None)
-    fitted = loop.fit(training, cfg, p.seed, device, outputs.LIVE["feature_extraction"])
+    fitted = loop.fit(training, cfg, p.seed, device, outputs.LIVE["feature_extraction"], watched=False)
     trained.save("feature_extraction", fitted.state, epoch=fitted.epoch, saw_val=False)
     print(loop.chosen(fitted))
     outputs.write_json(outputs.L2_SEARCH, [])
@@ -93,7 +93,7 @@ def fit_probe(head: nn.Module, features: dict, labels: dict, classes: int, refit
         last.bias.copy_(bias)
     trained.save("feature_extraction", head.state_dict(), l2=l2, saw_val=refit_on_val)
     seconds = time.perf_counter() - started
-    live = loop.open_live(outputs.LIVE["feature_extraction"])
+    live = loop.Record(outputs.LIVE["feature_extraction"])
     live.log_plot("l2_search", search, x="log10_l2", y="val_accuracy", template="linear",
                   title="Linear probe: validation accuracy per L2 strength", x_label="log10 of the L2 strength",
                   y_label="validation accuracy")

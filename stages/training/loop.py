@@ -3,14 +3,14 @@
 SGD (with momentum, optionally Nesterov), Adam or AdamW with one learning rate per parameter
 group, an optional warm-up and cosine schedule per step, and either the best epoch by
 validation accuracy (with optional early stopping) or, without a validation split, the last
-epoch. DVCLive records every epoch. Optional checkpoints (stages/training/checkpoints.py) let an
+epoch. DVCLive records a fine-tune epoch by epoch; a head's fit writes the same files at its end
+(Record). Optional checkpoints (stages/training/checkpoints.py) let an
 interrupted run resume exactly: each epoch seeds its own random numbers.
 Under torchrun (finetune.processes > 1) the epoch's sums are added up across processes, and
-only rank 0 writes DVCLive's files and the checkpoint.
+only rank 0 writes the record and the checkpoint.
 """
 import itertools
 import math
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -84,8 +84,9 @@ class Training:
 
 
 def fit(training: Training, cfg: TrainParams, seed: int, device: torch.device, live_dir: Path,
-        checkpoints: Checkpoints | None = None) -> Fitted:
-    """Trains for cfg.epochs (or until early stopping), resuming from `checkpoints` if they hold this run."""
+        checkpoints: Checkpoints | None = None, watched: bool = True) -> Fitted:
+    """Trains for cfg.epochs (or until early stopping), resuming from `checkpoints` if they hold this run;
+    recorded in `live_dir` (open_live: with DVCLive, epoch by epoch, if `watched`)."""
     model, validate, state_of = training.model, training.validate, training.state_of or training.model
     optimizer = make_optimizer(cfg, training.param_groups)
     steps_per_epoch = cfg.steps_per_epoch(training.n_train)
@@ -95,7 +96,7 @@ def fit(training: Training, cfg: TrainParams, seed: int, device: torch.device, l
     if training.start_is_a_candidate and validate and not progress.history:
         progress.best_acc, progress.best_state = validate()[1], host_copy(state_of.state_dict())
         print(f"starting point: val accuracy {progress.best_acc:.4f}")
-    live = open_live(live_dir)
+    live = open_live(live_dir, watched)
     for record in progress.history:  # the logs of a resumed run equal those of an uninterrupted one
         log_epoch(live, record, progress.best_epoch)
     epochs = tqdm(range(len(progress.history), cfg.epochs), desc="epochs", unit="epoch",
@@ -221,39 +222,49 @@ def summed_across_processes(*values) -> list[float]:
     return totals.tolist()
 
 
-def open_live(folder: Path):
-    """DVCLive's log in `folder`, on the process that writes (a Quiet one elsewhere). Where DVCLive is
-    not installed (a GPU machine with torch but no DVC, running the stages by hand), the summary
-    alone, with a warning: evaluate reads it."""
+def open_live(folder: Path, watched: bool = True):
+    """The fit's record in `folder`, on the process that writes: DVCLive's Live when the fit is
+    `watched` (a fine-tune: its curves and summary update every epoch) and DVCLive is installed;
+    else a Record, the same files written at the end. Elsewhere a Record that writes nothing."""
     if not is_writer():
-        return Quiet()
+        return Record(None)
     try:
         from dvclive import Live
-    except ImportError:
-        print(f"warning: DVCLive is not installed, so {folder}/ gets its summary (metrics.json) but no curves: "
-              "pip install -r requirements.txt", file=sys.stderr)
-        return Quiet(folder)
-    return Live(str(folder), save_dvc_exp=False, dvcyaml=None, report=None)
+    except ImportError:  # a GPU machine with torch but no DVC, running the stages by hand
+        return Record(folder)
+    return Live(str(folder), save_dvc_exp=False, dvcyaml=None, report=None) if watched else Record(folder)
 
 
-class Quiet:
-    """The calls of DVCLive's Live that the stages make, logging nothing; with a folder, end() writes
-    the summary where Live would."""
-    def __init__(self, folder: Path | None = None):
-        self.folder, self.summary = folder, {}
+class Record:
+    """DVCLive's files for a fit, written at its end without DVCLive: metrics.json (the last value of
+    each metric, the last step, the summary), plots/metrics/<name>.tsv, plots/custom/<name>.json.
+    For a head's fit, seconds long, which DVCLive's import and repository (0.7 s) would outlast."""
+    def __init__(self, folder: Path | None):
+        self.folder, self.summary, self.step, self.curves, self.plots = folder, {}, 0, {}, {}
 
     def log_metric(self, name: str, value: float) -> None:
-        pass
+        self.curves.setdefault(name, []).append(f"{self.step}\t{value}\n")
+        split, metric = name.split("/")
+        self.summary.setdefault(split, {})[metric] = value
 
     def log_plot(self, name: str, datapoints: list[dict], **options) -> None:
-        pass
+        self.plots[name] = datapoints  # options: dvc.yaml's plots section says how to draw it
 
     def next_step(self) -> None:
-        pass
+        self.summary["step"] = self.step
+        self.step += 1
 
     def end(self) -> None:
-        if self.folder:
-            outputs.write_json(self.folder / "metrics.json", self.summary)
+        if not self.folder:
+            return
+        outputs.fresh_folder(self.folder)  # as DVCLive empties it when it starts
+        for name, rows in self.curves.items():
+            path = self.folder / "plots" / "metrics" / f"{name}.tsv"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(f"step\t{name.split('/')[-1]}\n" + "".join(rows))
+        for name, datapoints in self.plots.items():
+            outputs.write_json(self.folder / "plots" / "custom" / f"{name}.json", datapoints)
+        outputs.write_json(self.folder / "metrics.json", self.summary)
 
 
 def log_epoch(live, record: dict, best_epoch: int) -> None:
