@@ -100,11 +100,26 @@ def processes_in(folder: Path, command_part: bytes = b"") -> list[int]:
     return found
 
 
-def kill_session(session: int) -> None:
-    """kill -9 of every process in the session, again until none is left: a process that was being
-    forked as pkill listed them (a stage that DVC starts) would live on and write outputs later."""
-    while subprocess.run(["pkill", "-KILL", "-s", str(session)]).returncode == 0:
+def kill_session(process: subprocess.Popen) -> None:
+    """kill -9 of every process in the session that `process` leads (started with start_new_session),
+    again until none is left alive: a process being forked as pkill listed them (a stage that DVC
+    starts) would live on and write outputs later. Then waits for `process`."""
+    while alive_in_session(process.pid):
+        subprocess.run(["pkill", "-KILL", "-s", str(process.pid)])
         time.sleep(0.05)
+    process.wait()
+
+
+def alive_in_session(session: int) -> bool:
+    """Whether a process of the session is alive: a dead one (a zombie) waits to be reaped, and stays listed."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            state, _parent, _group, its_session = stat.read_text().rsplit(")", 1)[1].split()[:4]
+        except OSError:  # it ended meanwhile
+            continue
+        if int(its_session) == session and state != "Z":
+            return True
+    return False
 
 
 @pytest.fixture

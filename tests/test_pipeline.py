@@ -114,8 +114,7 @@ def test_identical_runs_give_identical_outputs_a_kill_9_recovers_and_a_code_edit
     deadline = time.monotonic() + 120
     while (features / "manifest.json").exists() and time.monotonic() < deadline:
         time.sleep(0.01)
-    kill_session(process.pid)
-    process.wait()
+    kill_session(process)
     assert process.returncode == -signal.SIGKILL and not (features / "manifest.json").exists()
     run("dvc", "repro")
     assert output_hashes(dvc_project) == first  # byte-identical data and models
@@ -234,8 +233,7 @@ def test_finetune_under_torchrun_with_two_processes_resumes_after_kill_9(dvc_pro
     deadline = time.monotonic() + 300
     while not list((dvc_project / ".checkpoints").rglob("last.pt")) and time.monotonic() < deadline:
         time.sleep(0.05)
-    kill_session(process.pid)  # dvc and torchrun; the workers die with it
-    process.wait()
+    kill_session(process)  # dvc and torchrun; the workers die with it
     deadline = time.monotonic() + 10
     while processes_in(dvc_project, b"stages.finetune") and time.monotonic() < deadline:
         time.sleep(0.1)
@@ -295,8 +293,7 @@ def test_a_killed_finetune_resumes_only_for_the_same_weights_and_code(dvc_projec
                                    start_new_session=True)
         while not list((dvc_project / ".checkpoints").rglob("last.pt")) and process.poll() is None:
             time.sleep(0.05)
-        kill_session(process.pid)
-        process.wait()
+        kill_session(process)
 
     set_params(dvc_project / "params.yaml", {**LEARNS, "strategy": "finetune", "model": "resnet18",
                                              "weights": str(weights), "data.image_size": 32, "finetune.epochs": 3,
