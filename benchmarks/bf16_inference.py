@@ -123,8 +123,9 @@ def set_params(path: Path, changes: dict) -> None:
     from stages.pipeline import param_checks, params
     from stages.study.experiments import nest
     path.write_text(yaml.safe_dump(nest(changes, into=yaml.safe_load(path.read_text())), sort_keys=False))
-    param_checks.validate(params.read(path))
-    params.record_checked(params.read(path), path)
+    raw = params.read(path)
+    param_checks.validate(raw)
+    params.record_checked(raw, path)
 
 
 if __name__ == "__main__":

@@ -8,10 +8,10 @@ earlier output stays. Then it writes data/inputs/source.json and data/inputs/wei
 with the content hash of a local image folder or weights file: DVC tracks params, not the
 files that they name, so these make editing an image or swapping a weights file rerun what
 reads it, and nothing else. Last, data/inputs/params_checked.json: the content of params.yaml
-that passed, which every stage's params.load() requires. An image's hash is remembered until its inode, size or
-modification time changes, so that an unchanged folder is not read again. The stage runs
-every time (always_changed), but its outputs change only when the inputs do. Downloads
-(CIFAR, hub weights) are checked by their own md5.
+that passed, which every stage's params.load() requires. An image's hash is remembered until its
+inode, size or modification time changes, so that an unchanged folder is not read again. The
+stage runs every time (always_changed), but its outputs change only when the inputs do.
+Downloads (CIFAR, hub weights) are checked by their own md5.
 """
 import hashlib
 import importlib.util

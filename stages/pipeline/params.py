@@ -171,7 +171,7 @@ def load(path=PARAMS_FILE) -> Params:
     """The stages' params: the content that check-inputs validated last (record_checked)."""
     raw, record = read(path), Path(path).parent / outputs.CHECKED_PARAMS
     recorded = outputs.read_json(record) if record.exists() else {}
-    if recorded.get("sha256") != content_sha256(raw):
+    if recorded.get("sha256") != content_digest(raw):
         raise ParamError(f"{path} is not what check-inputs validated last: run python -m stages.check_inputs "
                          "first (dvc repro does)")
     return typed(Params, raw)
@@ -179,10 +179,10 @@ def load(path=PARAMS_FILE) -> Params:
 
 def record_checked(raw: dict, path=PARAMS_FILE) -> None:
     """check-inputs' record that `raw`, the content of `path`, passed every check."""
-    outputs.write_json(Path(path).parent / outputs.CHECKED_PARAMS, {"sha256": content_sha256(raw)})
+    outputs.write_json(Path(path).parent / outputs.CHECKED_PARAMS, {"sha256": content_digest(raw)})
 
 
-def content_sha256(raw: dict) -> str:
+def content_digest(raw: dict) -> str:
     """Of the content, not the text: an edited comment needs no new check."""
     return hashlib.sha256(json.dumps(raw, sort_keys=True, default=str).encode()).hexdigest()
 

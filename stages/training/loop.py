@@ -4,8 +4,8 @@ SGD (with momentum, optionally Nesterov), Adam or AdamW with one learning rate p
 group, an optional warm-up and cosine schedule per step, and either the best epoch by
 validation accuracy (with optional early stopping) or, without a validation split, the last
 epoch. DVCLive records a fine-tune epoch by epoch; a head's fit writes the same files at its end
-(Record). Optional checkpoints (stages/training/checkpoints.py) let an
-interrupted run resume exactly: each epoch seeds its own random numbers.
+(Record). Optional checkpoints (stages/training/checkpoints.py) let an interrupted run resume
+exactly: each epoch seeds its own random numbers.
 Under torchrun (finetune.processes > 1) the epoch's sums are added up across processes, and
 only rank 0 writes the record and the checkpoint.
 """
